@@ -1,0 +1,24 @@
+"""cpattn: context-parallel attention kernels.
+
+Public ops (also registered as ``torch.ops.cpattn.<name>``):
+
+* :func:`merge_attn_states`, :func:`merge_attn_states_n`: exact merges of partial results.
+
+LSE contract (:mod:`cpattn.lse`): float32, natural log, shaped like ``out`` without its last
+dim; ``(0, -inf)`` is the empty state; ``+inf``/NaN input LSEs are treated as empty.
+"""
+from . import _library  # noqa: F401  (registers torch.ops.cpattn.*)
+from . import lse, reference
+from .backends import BackendError, list_backends
+from .merge import merge_attn_states, merge_attn_states_n
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendError",
+    "list_backends",
+    "lse",
+    "merge_attn_states",
+    "merge_attn_states_n",
+    "reference",
+]

@@ -1,0 +1,82 @@
+"""The one module that touches ``torch.library``: every public op as ``torch.ops.cpattn.<name>``.
+
+Each op has a real implementation (validate, then dispatch to a backend) and a fake one (the
+same shape checks, then empty outputs) so that it traces under ``torch.compile`` and passes
+``torch.library.opcheck``. Functional ops return new tensors; ``*_out`` variants write into
+caller buffers (declared as mutated).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+from torch.library import custom_op, register_fake
+
+from . import merge as _merge
+
+# ---------------------------------------------------------------- merge_attn_states (2-way)
+
+
+def _alloc_merge(outs: list[Tensor]) -> tuple[Tensor, Tensor]:
+    out = torch.empty_like(outs[0], memory_format=torch.contiguous_format)
+    lse = torch.empty(outs[0].shape[:-1], dtype=torch.float32, device=outs[0].device)
+    return out, lse
+
+
+@custom_op("cpattn::merge_attn_states", mutates_args=())
+def merge_attn_states(
+    out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor, backend: Optional[str] = None
+) -> tuple[Tensor, Tensor]:
+    _merge.validate("merge_attn_states", [out_a, out_b], [lse_a, lse_b])
+    out, lse = _alloc_merge([out_a, out_b])
+    _merge.run("merge_attn_states", [out_a, out_b], [lse_a, lse_b], out, lse, backend)
+    return out, lse
+
+
+@register_fake("cpattn::merge_attn_states")
+def _(out_a, lse_a, out_b, lse_b, backend=None):
+    _merge.validate("merge_attn_states", [out_a, out_b], [lse_a, lse_b])
+    return _alloc_merge([out_a, out_b])
+
+
+@custom_op("cpattn::merge_attn_states_out", mutates_args=("out", "out_lse"))
+def merge_attn_states_out(
+    out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor, out: Tensor, out_lse: Tensor,
+    backend: Optional[str] = None,
+) -> None:
+    _merge.run("merge_attn_states", [out_a, out_b], [lse_a, lse_b], out, out_lse, backend)
+
+
+@register_fake("cpattn::merge_attn_states_out")
+def _(out_a, lse_a, out_b, lse_b, out, out_lse, backend=None):
+    _merge.validate("merge_attn_states", [out_a, out_b], [lse_a, lse_b], out, out_lse)
+
+
+# ---------------------------------------------------------------- merge_attn_states_n (N-way)
+
+
+@custom_op("cpattn::merge_attn_states_n", mutates_args=())
+def merge_attn_states_n(outs: list[Tensor], lses: list[Tensor], backend: Optional[str] = None) -> tuple[Tensor, Tensor]:
+    _merge.validate("merge_attn_states_n", outs, lses)
+    out, lse = _alloc_merge(outs)
+    _merge.run("merge_attn_states_n", outs, lses, out, lse, backend)
+    return out, lse
+
+
+@register_fake("cpattn::merge_attn_states_n")
+def _(outs, lses, backend=None):
+    _merge.validate("merge_attn_states_n", outs, lses)
+    return _alloc_merge(outs)
+
+
+@custom_op("cpattn::merge_attn_states_n_out", mutates_args=("out", "out_lse"))
+def merge_attn_states_n_out(
+    outs: list[Tensor], lses: list[Tensor], out: Tensor, out_lse: Tensor, backend: Optional[str] = None
+) -> None:
+    _merge.run("merge_attn_states_n", outs, lses, out, out_lse, backend)
+
+
+@register_fake("cpattn::merge_attn_states_n_out")
+def _(outs, lses, out, out_lse, backend=None):
+    _merge.validate("merge_attn_states_n", outs, lses, out, out_lse)

@@ -1,0 +1,11 @@
+"""The fast PyTorch backend: plain torch ops, any device, float32 accumulation.
+
+One module per kernel; this file only assembles them into the backend object.
+"""
+from __future__ import annotations
+
+from ..registry import Backend
+from . import merge as _merge
+
+BACKEND = Backend("pytorch", "chunked plain-PyTorch kernels, float32 accumulation (any device)")
+BACKEND.kernel("merge")(_merge.merge)

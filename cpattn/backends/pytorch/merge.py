@@ -1,0 +1,59 @@
+"""Fast N-way LSE merge in plain PyTorch (any device).
+
+Why it is faster than the formula most frameworks write (max, subtract, exp, sum, divide, then
+multiply and add over the whole ``[N, T, H, D]`` stack): the weights are computed once on the
+small ``[N, rows]`` LSE stack, and the ``D``-wide accumulation runs over row chunks of about
+1 MiB, so the float32 accumulator stays in cache, every input is read once, the output written
+once, and no ``[N, T, H, D]`` temporary is ever allocated.
+
+Empty inputs (LSE ``-inf``, ``+inf`` or NaN) get weight 0 and their rows must be ignored even
+when they hold NaN (``0 * NaN`` is NaN), which costs one masking step per input chunk. On CPU a
+host check is free, so the masking only runs when some weight is 0; on other devices it always
+runs (a host sync would break graph capture).
+"""
+from __future__ import annotations
+
+import torch
+
+_CHUNK_ELEMS = 1 << 18  # float32 accumulator of about 1 MiB per chunk
+
+
+def merge_weights(lses: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-input merge weights and the merged LSE.
+
+    ``lses``: N float32 tensors of one shape. Returns ``frac [N, *shape]`` (the weight of each
+    input, 0 for empty ones, rows summing to 1 unless all are empty) and ``lse [*shape]``.
+    """
+    lse = torch.stack(lses)
+    lse = lse.masked_fill(torch.isnan(lse) | torch.isposinf(lse), float("-inf"))
+    m = lse.amax(dim=0)
+    m = m.masked_fill(~torch.isfinite(m), 0.0)
+    w = torch.exp(lse - m)
+    total = w.sum(dim=0)
+    merged = m + torch.log(total)
+    frac = w / total.masked_fill(total == 0, 1.0)
+    return frac, merged
+
+
+def merge(outs: list[torch.Tensor], lses: list[torch.Tensor], out: torch.Tensor, out_lse: torch.Tensor) -> None:
+    frac, merged_lse = merge_weights(lses)
+    D = out.shape[-1]
+    rows = out_lse.numel()
+    frac = frac.reshape(len(outs), rows, 1)
+    flat_in = [o.reshape(rows, D) for o in outs]
+    target = out.view(rows, D) if out.is_contiguous() else torch.empty(rows, D, dtype=out.dtype, device=out.device)
+    empty = frac <= 0
+    mask = True if out.device.type != "cpu" else bool(empty.any())
+    step = max(1, _CHUNK_ELEMS // max(D, 1))
+    for r0 in range(0, rows if D else 0, step):
+        r1 = min(rows, r0 + step)
+        acc = None
+        for o, f, e in zip(flat_in, frac, empty):
+            c = torch.mul(o[r0:r1], f[r0:r1])  # float32: f is float32
+            if mask:
+                c.masked_fill_(e[r0:r1], 0.0)
+            acc = c if acc is None else acc.add_(c)
+        target[r0:r1] = acc
+    if not out.is_contiguous():
+        out.copy_(target.view(out.shape))
+    out_lse.copy_(merged_lse)

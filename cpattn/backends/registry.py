@@ -1,0 +1,156 @@
+"""Backend registry and dispatch.
+
+A backend is a named set of kernels. Each kernel comes with a ``check`` that lists the reasons
+it cannot run a given input (empty list: it can). Dispatch:
+
+* ``backend="name"`` (or the ``CPATTN_BACKEND`` environment variable when ``backend`` is None)
+  is an explicit request: if that backend cannot run the input, :class:`BackendError` is raised
+  with its reasons. It never falls back silently.
+* Otherwise the first backend in :data:`AUTO_ORDER` with no reason is used; if none can run the
+  input, :class:`BackendError` lists every backend's reasons.
+
+Backends are imported lazily, so an optional one (Triton, AscendC) whose dependencies are
+missing only reports "not importable: ..." as its reason and never breaks ``import cpattn``.
+
+Kernel signatures (internal, after the public layer validated the input):
+
+* ``merge(outs, lses, out, out_lse)``: ``outs`` a list of N tensors ``[..., D]``, ``lses`` a list
+  of N float32 tensors ``[...]``; writes the merged result into ``out`` (inputs' dtype) and
+  ``out_lse`` (float32). ``out`` may be one of ``outs`` (in-place merge).
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+__all__ = ["Backend", "BackendError", "AUTO_ORDER", "get_backend", "list_backends", "select", "dispatch"]
+
+ENV_VAR = "CPATTN_BACKEND"
+
+# Module that defines each backend (as a module-level ``BACKEND``), in automatic-choice order:
+# fastest first, the float64 oracle last.
+_MODULES = {
+    "pytorch": "cpattn.backends.pytorch",
+    "reference": "cpattn.backends.reference",
+}
+AUTO_ORDER = tuple(_MODULES)
+
+
+class BackendError(RuntimeError):
+    """No backend (or not the requested one) can run this input; the message lists why."""
+
+
+@dataclass
+class Kernel:
+    fn: Callable[..., Any]
+    check: Callable[..., list[str]] | None = None
+
+
+@dataclass
+class Backend:
+    """A named set of kernels, each able to say why it cannot run an input.
+
+    ``device_types``: the torch device types the backend runs on (None: any).
+    """
+
+    name: str
+    description: str
+    device_types: tuple[str, ...] | None = None
+    kernels: dict[str, Kernel] = field(default_factory=dict)
+
+    def kernel(self, op: str, check: Callable[..., list[str]] | None = None):
+        """Decorator: register ``fn`` as this backend's kernel for ``op``."""
+
+        def deco(fn):
+            self.kernels[op] = Kernel(fn, check)
+            return fn
+
+        return deco
+
+    def reasons(self, op: str, inputs: dict[str, Any]) -> list[str]:
+        if op not in self.kernels:
+            return [f"has no '{op}' kernel"]
+        reasons = []
+        if self.device_types is not None:
+            dev = _device_type(inputs)
+            if dev is not None and dev not in self.device_types:
+                reasons.append(f"runs on {'/'.join(self.device_types)}, not on '{dev}' tensors")
+        check = self.kernels[op].check
+        if check is not None:
+            reasons.extend(check(**inputs))
+        return reasons
+
+    def run(self, op: str, **inputs):
+        return self.kernels[op].fn(**inputs)
+
+
+def _device_type(inputs: dict[str, Any]) -> str | None:
+    for v in inputs.values():
+        if isinstance(v, torch.Tensor):
+            return v.device.type
+        if isinstance(v, (list, tuple)) and v and isinstance(v[0], torch.Tensor):
+            return v[0].device.type
+    return None
+
+
+_loaded: dict[str, Backend | str] = {}
+
+
+def _load(name: str) -> Backend | str:
+    """The backend object, or a string saying why it cannot be imported."""
+    if name not in _loaded:
+        try:
+            _loaded[name] = importlib.import_module(_MODULES[name]).BACKEND
+        except Exception as exc:  # an optional dependency is missing or broken
+            _loaded[name] = f"not importable: {type(exc).__name__}: {exc}"
+    return _loaded[name]
+
+
+def list_backends() -> list[str]:
+    """Names of all known backends, in automatic-choice order (importable or not)."""
+    return list(AUTO_ORDER)
+
+
+def get_backend(name: str) -> Backend:
+    """The backend called ``name``; raises ValueError for an unknown name and BackendError
+    when it cannot be imported here."""
+    if name not in _MODULES:
+        raise ValueError(f"unknown backend {name!r}; known backends: {', '.join(_MODULES)}")
+    b = _load(name)
+    if isinstance(b, str):
+        raise BackendError(f"backend {name!r} is {b}")
+    return b
+
+
+def select(op: str, backend: str | None, inputs: dict[str, Any]) -> Backend:
+    """Pick the backend for ``op`` on ``inputs`` (see the module docstring for the rules)."""
+    requested = backend if backend is not None else (os.environ.get(ENV_VAR) or None)
+    if requested is not None:
+        b = get_backend(requested)
+        reasons = b.reasons(op, inputs)
+        if reasons:
+            src = "backend=" if backend is not None else f"{ENV_VAR}="
+            raise BackendError(
+                f"{op}: requested backend {src}{requested!r} cannot run this input: " + "; ".join(reasons)
+            )
+        return b
+    all_reasons = []
+    for name in AUTO_ORDER:
+        b = _load(name)
+        if isinstance(b, str):
+            all_reasons.append(f"{name}: {b}")
+            continue
+        reasons = b.reasons(op, inputs)
+        if not reasons:
+            return b
+        all_reasons.append(f"{name}: " + "; ".join(reasons))
+    raise BackendError(f"{op}: no backend can run this input:\n  " + "\n  ".join(all_reasons))
+
+
+def dispatch(op: str, backend: str | None, **inputs):
+    """Run ``op`` on the selected backend."""
+    return select(op, backend, inputs).run(op, **inputs)

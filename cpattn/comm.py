@@ -1,0 +1,189 @@
+"""Collectives over ``torch.distributed``: the only module that calls it.
+
+Works with gloo (CPU), NCCL (CUDA) and HCCL (NPU). ``group=None`` means the default group, or a
+single process when ``torch.distributed`` is not initialised (world size 1, no collective).
+
+Portability rules followed here (gloo in torch 2.13): all-gathers use a flat ``world * n``
+buffer, never a stacked output or uneven lists; no ``PREMUL_SUM``; no send to oneself (callers
+skip the ring at world size 1).
+"""
+from __future__ import annotations
+
+import zlib
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "world_size",
+    "rank",
+    "all_gather",
+    "all_reduce_sum",
+    "reduce_scatter_sum",
+    "all_to_all",
+    "RingComm",
+    "agree",
+    "CollectiveInputError",
+]
+
+
+class CollectiveInputError(ValueError):
+    """Raised on every rank when some rank's input was refused or ranks disagree on it."""
+
+
+# torch >= 2.13 renamed the flat-buffer collectives; keep working on older releases too.
+_all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+def _initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def world_size(group=None) -> int:
+    return dist.get_world_size(group) if _initialized() else 1
+
+
+def rank(group=None) -> int:
+    return dist.get_rank(group) if _initialized() else 0
+
+
+def _comm_device(group, like: torch.Tensor | None = None) -> torch.device:
+    """Device for small metadata tensors: CPU for gloo, the data's device otherwise."""
+    backend = dist.get_backend(group)
+    if backend == "gloo" or like is None:
+        return torch.device("cpu") if backend == "gloo" else torch.device(_default_device(backend))
+    return like.device
+
+
+def _default_device(backend: str) -> str:
+    if backend == "nccl":
+        return f"cuda:{torch.cuda.current_device()}"
+    if backend == "hccl":
+        return f"npu:{torch.npu.current_device()}"  # type: ignore[attr-defined]
+    return "cpu"
+
+
+def all_gather(t: torch.Tensor, group=None) -> torch.Tensor:
+    """``[N, *t.shape]``: every rank's ``t`` (same shape on all ranks), through a flat buffer."""
+    n = world_size(group)
+    if n == 1:
+        return t.unsqueeze(0)
+    src = t.contiguous()
+    flat = torch.empty(n * src.numel(), dtype=src.dtype, device=src.device)
+    _all_gather_flat(flat, src.view(-1), group=group)
+    return flat.view(n, *src.shape)
+
+
+def all_reduce_sum(t: torch.Tensor, group=None) -> torch.Tensor:
+    """Sum over ranks, in place on ``t`` (contiguous); returns ``t``."""
+    if world_size(group) > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+    return t
+
+
+def reduce_scatter_sum(t: torch.Tensor, group=None) -> torch.Tensor:
+    """``t [N * m, ...]`` summed over ranks; this rank keeps rows ``[rank*m, (rank+1)*m)``."""
+    n = world_size(group)
+    if n == 1:
+        return t
+    src = t.contiguous()
+    out = torch.empty((src.shape[0] // n, *src.shape[1:]), dtype=src.dtype, device=src.device)
+    _reduce_scatter_flat(out, src, op=dist.ReduceOp.SUM, group=group)
+    return out
+
+
+def all_to_all(t: torch.Tensor, group=None) -> torch.Tensor:
+    """``t [N * m, ...]``: row block ``j`` goes to rank ``j``; returns the blocks received, in rank
+    order (block ``i`` came from rank ``i``)."""
+    if world_size(group) == 1:
+        return t
+    src = t.contiguous()
+    out = torch.empty_like(src)
+    dist.all_to_all_single(out, src, group=group)
+    return out
+
+
+class RingComm:
+    """Pass-KV ring: send to ``rank + 1``, receive from ``rank - 1``, with batched isend/irecv.
+
+    Usage per step: ``nxt = ring.send_recv(cur)``, ``ring.commit()``, compute on ``cur``,
+    ``ring.wait()``, then ``cur = nxt``. Both directions of a step go in one
+    ``batch_isend_irecv``, so no rank can block the ring (no deadlock at 3+ ranks). Must not be
+    used at world size 1 (gloo refuses a send to oneself).
+    """
+
+    def __init__(self, group=None):
+        self.group = group
+        self.rank = rank(group)
+        self.world = world_size(group)
+        if self.world < 2:
+            raise ValueError("RingComm needs at least 2 ranks")
+        to_global = (lambda r: dist.get_global_rank(group, r)) if group is not None else (lambda r: r)
+        self.send_to = to_global((self.rank + 1) % self.world)
+        self.recv_from = to_global((self.rank - 1) % self.world)
+        self._ops: list = []
+        self._reqs: list = []
+        self.bytes_sent = 0
+
+    def send_recv(self, to_send: torch.Tensor, recv_buf: torch.Tensor | None = None) -> torch.Tensor:
+        """Queue sending ``to_send`` (contiguous) and receiving a tensor of the same shape."""
+        buf = torch.empty_like(to_send) if recv_buf is None else recv_buf
+        self._ops.append(dist.P2POp(dist.isend, to_send, self.send_to, group=self.group))
+        self._ops.append(dist.P2POp(dist.irecv, buf, self.recv_from, group=self.group))
+        self.bytes_sent += to_send.numel() * to_send.element_size()
+        return buf
+
+    def commit(self) -> None:
+        if self._ops:
+            self._reqs = dist.batch_isend_irecv(self._ops)
+            self._ops = []
+
+    def wait(self) -> None:
+        for r in self._reqs:
+            r.wait()
+        self._reqs = []
+
+
+def _fingerprint(value: Any) -> int:
+    """Stable 63-bit hash of a value made of ints, floats, strings, tuples, lists and tensors."""
+    if isinstance(value, torch.Tensor):
+        value = ("tensor", str(value.dtype), tuple(value.shape), value.detach().cpu().reshape(-1).tolist())
+    data = repr(value).encode()
+    return (zlib.crc32(data) << 31 | zlib.adler32(data)) & ((1 << 62) - 1)
+
+
+def agree(op: str, error: BaseException | None, fields: dict[str, Any], group=None) -> None:
+    """Make every rank raise when any rank refused its input or ranks disagree on ``fields``.
+
+    Each rank calls this with the exception its local validation raised (or None) and the values
+    that must be equal on all ranks. One small all-gather; on the error path, one more to share
+    the messages. At world size 1 it only re-raises ``error``. Must be called by every rank of
+    ``group`` with the same field names (it is a collective).
+    """
+    n = world_size(group)
+    if n == 1:
+        if error is not None:
+            raise error
+        return
+    names = sorted(fields)
+    local = [1 if error is not None else 0] + [_fingerprint(fields[k]) for k in names]
+    t = torch.tensor(local, dtype=torch.int64, device=_comm_device(group))
+    table = all_gather(t, group).cpu().tolist()
+    bad_ranks = [r for r in range(n) if table[r][0]]
+    if bad_ranks:
+        msgs: list = [None] * n
+        dist.all_gather_object(msgs, None if error is None else f"{type(error).__name__}: {error}", group=group)
+        if error is not None:
+            raise error
+        detail = "; ".join(f"rank {r}: {msgs[r]}" for r in bad_ranks)
+        raise CollectiveInputError(f"{op}: input refused on rank(s) {bad_ranks}: {detail}")
+    for i, k in enumerate(names, start=1):
+        vals = [table[r][i] for r in range(n)]
+        if len(set(vals)) > 1:
+            groups: dict[int, list[int]] = {}
+            for r, v in enumerate(vals):
+                groups.setdefault(v, []).append(r)
+            split = " vs ".join(f"ranks {rs}" for rs in groups.values())
+            raise CollectiveInputError(f"{op}: {k} must be the same on every rank; it differs ({split})")

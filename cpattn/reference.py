@@ -1,0 +1,110 @@
+"""The oracle: plain PyTorch in float64, written to be checked by reading.
+
+Every fast path in cpattn is tested against these functions. They are slow on purpose: no
+chunking, no fusion, no cleverness. Results are **float64** (``out`` and ``lse``), so that tests
+can measure the error of any backend against them.
+
+LSE convention (see :mod:`cpattn.lse`): natural log, token-major, ``-inf`` for a row that sees
+no key (with ``out = 0`` there); input LSEs of ``+inf`` or NaN are empty.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+__all__ = ["attention", "merge", "merge_n"]
+
+NEG_INF = float("-inf")
+
+
+def _bounds(cu: torch.Tensor | None, total: int) -> list[int]:
+    return [0, total] if cu is None else [int(x) for x in cu.tolist()]
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    cu_seqlens_q: torch.Tensor | None = None,
+    cu_seqlens_k: torch.Tensor | None = None,
+    causal: bool = False,
+    scale: float | None = None,
+    q_positions: torch.Tensor | None = None,
+    k_positions: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention over a packed varlen batch, in float64.
+
+    Shapes: ``q [Tq, Hq, Dqk]``, ``k [Tk, Hkv, Dqk]``, ``v [Tk, Hkv, Dv]``; ``Hq % Hkv == 0``
+    (query head ``h`` uses KV head ``h // (Hq // Hkv)``). ``cu_seqlens_q [B+1]`` and
+    ``cu_seqlens_k [B+1]`` delimit the sequences (``None``: one sequence). ``scale`` defaults to
+    ``1 / sqrt(Dqk)``.
+
+    Causal masking compares positions: a query sees the keys of its own sequence whose position
+    is ``<=`` its own. Default positions: keys ``0 .. Lk-1``; queries ``Lk-Lq .. Lk-1``
+    (bottom-right alignment: the last query sits at the last key). ``q_positions [Tq]`` and
+    ``k_positions [Tk]`` override them.
+
+    Returns ``out [Tq, Hq, Dv]`` and ``lse [Tq, Hq]``, both float64. A query that sees no key gets
+    ``out = 0`` and ``lse = -inf``.
+    """
+    Tq, Hq, D = q.shape
+    Tk, Hkv, _ = k.shape
+    Dv = v.shape[-1]
+    group = Hq // Hkv
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    bq, bk = _bounds(cu_seqlens_q, Tq), _bounds(cu_seqlens_k, Tk)
+    out = torch.zeros(Tq, Hq, Dv, dtype=torch.float64, device=q.device)
+    lse = torch.full((Tq, Hq), NEG_INF, dtype=torch.float64, device=q.device)
+    for b in range(len(bq) - 1):
+        q0, q1, k0, k1 = bq[b], bq[b + 1], bk[b], bk[b + 1]
+        if q1 == q0:
+            continue
+        qs = q[q0:q1].double()
+        ks = k[k0:k1].double().repeat_interleave(group, dim=1)  # [Lk, Hq, D]
+        vs = v[k0:k1].double().repeat_interleave(group, dim=1)  # [Lk, Hq, Dv]
+        s = torch.einsum("qhd,khd->hqk", qs, ks) * scale  # [Hq, Lq, Lk]
+        if causal:
+            lq, lk = q1 - q0, k1 - k0
+            pq = (torch.arange(lq) + (lk - lq)) if q_positions is None else q_positions[q0:q1]
+            pk = torch.arange(lk) if k_positions is None else k_positions[k0:k1]
+            visible = pk.cpu()[None, :] <= pq.cpu()[:, None]  # [Lq, Lk]
+            s = s.masked_fill(~visible.to(s.device), NEG_INF)
+        row_lse = torch.logsumexp(s, dim=-1)  # [Hq, Lq]; -inf where nothing is visible
+        p = torch.exp(s - row_lse[..., None]).nan_to_num(0.0)  # rows with no key: 0
+        out[q0:q1] = torch.einsum("hqk,khd->qhd", p, vs)
+        lse[q0:q1] = row_lse.transpose(0, 1)
+    return out, lse
+
+
+def merge_n(
+    outs: Sequence[torch.Tensor], lses: Sequence[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact merge of partial results over disjoint key sets, in float64.
+
+    ``outs[i] [..., D]`` and ``lses[i] [...]``. An LSE of ``+inf`` or NaN counts as empty and its
+    ``out`` rows are ignored. Returns float64 ``(out [..., D], lse [...])``; all-empty rows give
+    ``(0, -inf)``.
+    """
+    lse = torch.stack([x.double() for x in lses])  # [N, ...]
+    lse = lse.masked_fill(torch.isnan(lse) | torch.isposinf(lse), NEG_INF)
+    m = lse.max(dim=0).values
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # all empty: any finite shift
+    w = torch.exp(lse - m)  # [N, ...], 0 for empty inputs
+    total = w.sum(dim=0)
+    merged_lse = m + torch.log(total)  # -inf when total == 0
+    frac = torch.where(total > 0, w / total, torch.zeros_like(w))
+    merged_out = torch.zeros_like(outs[0], dtype=torch.float64)
+    for i, o in enumerate(outs):
+        contrib = frac[i][..., None] * o.double()
+        merged_out += torch.where(frac[i][..., None] > 0, contrib, torch.zeros_like(contrib))
+    return merged_out, merged_lse
+
+
+def merge(
+    out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two-way :func:`merge_n`."""
+    return merge_n([out_a, out_b], [lse_a, lse_b])

@@ -1,0 +1,1 @@
+"""Test helpers shipped with cpattn (real gloo ranks on one machine)."""
