@@ -34,6 +34,7 @@ def attention(
     scale: float | None = None,
     q_positions: torch.Tensor | None = None,
     k_positions: torch.Tensor | None = None,
+    dtype: torch.dtype = torch.float64,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention over a packed varlen batch, in float64.
 
@@ -49,6 +50,9 @@ def attention(
 
     Returns ``out [Tq, Hq, Dv]`` and ``lse [Tq, Hq]``, both float64. A query that sees no key gets
     ``out = 0`` and ``lse = -inf``.
+
+    ``dtype`` runs the same math at another precision; tests use it (float32, bfloat16, ...) as
+    the "plain PyTorch at the same precision" baseline that sets their tolerances.
     """
     Tq, Hq, D = q.shape
     Tk, Hkv, _ = k.shape
@@ -56,15 +60,15 @@ def attention(
     group = Hq // Hkv
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     bq, bk = _bounds(cu_seqlens_q, Tq), _bounds(cu_seqlens_k, Tk)
-    out = torch.zeros(Tq, Hq, Dv, dtype=torch.float64, device=q.device)
-    lse = torch.full((Tq, Hq), NEG_INF, dtype=torch.float64, device=q.device)
+    out = torch.zeros(Tq, Hq, Dv, dtype=dtype, device=q.device)
+    lse = torch.full((Tq, Hq), NEG_INF, dtype=dtype, device=q.device)
     for b in range(len(bq) - 1):
         q0, q1, k0, k1 = bq[b], bq[b + 1], bk[b], bk[b + 1]
         if q1 == q0:
             continue
-        qs = q[q0:q1].double()
-        ks = k[k0:k1].double().repeat_interleave(group, dim=1)  # [Lk, Hq, D]
-        vs = v[k0:k1].double().repeat_interleave(group, dim=1)  # [Lk, Hq, Dv]
+        qs = q[q0:q1].to(dtype)
+        ks = k[k0:k1].to(dtype).repeat_interleave(group, dim=1)  # [Lk, Hq, D]
+        vs = v[k0:k1].to(dtype).repeat_interleave(group, dim=1)  # [Lk, Hq, Dv]
         s = torch.einsum("qhd,khd->hqk", qs, ks) * scale  # [Hq, Lq, Lk]
         if causal:
             lq, lk = q1 - q0, k1 - k0
@@ -80,15 +84,19 @@ def attention(
 
 
 def merge_n(
-    outs: Sequence[torch.Tensor], lses: Sequence[torch.Tensor]
+    outs: Sequence[torch.Tensor], lses: Sequence[torch.Tensor], *, dtype: torch.dtype = torch.float64
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact merge of partial results over disjoint key sets, in float64.
 
     ``outs[i] [..., D]`` and ``lses[i] [...]``. An LSE of ``+inf`` or NaN counts as empty and its
     ``out`` rows are ignored. Returns float64 ``(out [..., D], lse [...])``; all-empty rows give
     ``(0, -inf)``.
+
+    ``dtype`` runs the ``out`` math at another precision (LSE math then runs in float32 at least):
+    the same-precision baseline for tests.
     """
-    lse = torch.stack([x.double() for x in lses])  # [N, ...]
+    lse_dtype = torch.promote_types(dtype, torch.float32)
+    lse = torch.stack([x.to(lse_dtype) for x in lses])  # [N, ...]
     lse = lse.masked_fill(torch.isnan(lse) | torch.isposinf(lse), NEG_INF)
     m = lse.max(dim=0).values
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # all empty: any finite shift
@@ -96,15 +104,16 @@ def merge_n(
     total = w.sum(dim=0)
     merged_lse = m + torch.log(total)  # -inf when total == 0
     frac = torch.where(total > 0, w / total, torch.zeros_like(w))
-    merged_out = torch.zeros_like(outs[0], dtype=torch.float64)
+    merged_out = torch.zeros_like(outs[0], dtype=dtype)
     for i, o in enumerate(outs):
-        contrib = frac[i][..., None] * o.double()
+        contrib = frac[i][..., None].to(dtype) * o.to(dtype)
         merged_out += torch.where(frac[i][..., None] > 0, contrib, torch.zeros_like(contrib))
     return merged_out, merged_lse
 
 
 def merge(
-    out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
+    out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor,
+    *, dtype: torch.dtype = torch.float64,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Two-way :func:`merge_n`."""
-    return merge_n([out_a, out_b], [lse_a, lse_b])
+    return merge_n([out_a, out_b], [lse_a, lse_b], dtype=dtype)

@@ -1,0 +1,1 @@
+"""Microbenchmarks: ``cpattn-bench`` / ``python -m cpattn.bench``. See :mod:`cpattn.bench.cli`."""

@@ -1,0 +1,40 @@
+"""``cpattn-bench``: microbenchmarks of every op.
+
+With no arguments it runs the default tour: a short, checked run of every op that exists, on CPU
+(distributed ops on gloo ranks); it exits non-zero if any check fails. Subcommands time one op in
+detail; ``cpattn-bench SUB --help`` lists their options.
+
+Each subcommand lives in its own module ``cpattn.bench.<name>`` with ``register(subparsers)``
+(adds its parser, with ``func`` set) and ``tour() -> bool`` (a short checked run; True when every
+check passed).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+SUBCOMMANDS = ["merge"]
+
+
+def _modules():
+    return [importlib.import_module(f"cpattn.bench.{name}") for name in SUBCOMMANDS]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="cpattn-bench", description=__doc__.split("\n\n")[0])
+    subs = parser.add_subparsers(dest="cmd")
+    mods = _modules()
+    for m in mods:
+        m.register(subs)
+    args = parser.parse_args(argv)
+    if args.cmd is None:
+        print("cpattn-bench: default tour (short checked runs of every op on CPU)")
+        ok = all([m.tour() for m in mods])
+        print("\ntour:", "all checks passed" if ok else "SOME CHECKS FAILED")
+        return 0 if ok else 1
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

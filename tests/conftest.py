@@ -1,0 +1,45 @@
+"""Shared test setup: hypothesis profiles and real gloo worlds.
+
+Profiles (``CPATTN_HYPOTHESIS_PROFILE``): ``ci`` (default; sized so the whole suite stays well
+under 15 minutes on 2 cores) and ``thorough`` (thousands of examples per local property; run it
+before resolving an issue). Tests scale their example counts with :func:`examples`.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+from cpattn.testing.gloo import GlooWorld
+
+PROFILE = os.environ.get("CPATTN_HYPOTHESIS_PROFILE", "ci")
+_COMMON = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+               print_blob=True)
+settings.register_profile("ci", max_examples=40, derandomize=True, **_COMMON)
+settings.register_profile("thorough", max_examples=2000, **_COMMON)
+settings.load_profile(PROFILE)
+
+
+def examples(ci: int, thorough: int) -> int:
+    """Example count for a property under the active profile."""
+    return thorough if PROFILE == "thorough" else ci
+
+
+_worlds: dict[int, GlooWorld] = {}
+
+
+@pytest.fixture(scope="session")
+def gloo():
+    """``gloo(n)`` -> a persistent :class:`GlooWorld` of n ranks (30 s per call before it counts
+    as a hang)."""
+
+    def get(n: int) -> GlooWorld:
+        if n not in _worlds:
+            _worlds[n] = GlooWorld(n, timeout=float(os.environ.get("CPATTN_DIST_TIMEOUT", "30")))
+        return _worlds[n]
+
+    yield get
+    for w in _worlds.values():
+        w.close()
+    _worlds.clear()
