@@ -48,6 +48,7 @@ def merge_attn_states(
         written then. :class:`cpattn.BackendError` if the requested backend cannot run it.
     """
     if out is None and out_lse is None:
+        validate("merge_attn_states", [out_a, out_b], [lse_a, lse_b])
         return torch.ops.cpattn.merge_attn_states(out_a, lse_a, out_b, lse_b, backend)
     out, out_lse = _out_buffers("merge_attn_states", [out_a, out_b], [lse_a, lse_b], out, out_lse)
     torch.ops.cpattn.merge_attn_states_out(out_a, lse_a, out_b, lse_b, out, out_lse, backend)
@@ -76,6 +77,7 @@ def merge_attn_states_n(
     """
     outs_l, lses_l = _as_list("merge_attn_states_n", "outs", outs), _as_list("merge_attn_states_n", "lses", lses)
     if out is None and out_lse is None:
+        validate("merge_attn_states_n", outs_l, lses_l)
         return torch.ops.cpattn.merge_attn_states_n(outs_l, lses_l, backend)
     out, out_lse = _out_buffers("merge_attn_states_n", outs_l, lses_l, out, out_lse)
     torch.ops.cpattn.merge_attn_states_n_out(outs_l, lses_l, out, out_lse, backend)
@@ -116,12 +118,22 @@ def validate(op: str, outs: list, lses: list, out=None, out_lse=None) -> None:
         V.out_tensor(op, "out_lse", out_lse, shape=outs[0].shape[:-1], dtype=torch.float32, device=outs[0].device)
 
 
+def _span(t: torch.Tensor) -> tuple[int, int]:
+    """Byte range ``[lo, hi)`` that a (non-negatively strided) tensor can touch."""
+    extent = sum((n - 1) * st for n, st in zip(t.shape, t.stride())) + 1
+    return t.data_ptr(), t.data_ptr() + extent * t.element_size()
+
+
 def check_aliasing(op: str, inputs: list[torch.Tensor], buf: torch.Tensor, name: str) -> None:
     """``buf`` may be exactly one of the inputs (in-place) or share no memory with any of them."""
     if buf.numel() == 0:
         return
+    lo, hi = _span(buf)
     for x in inputs:
-        if x.numel() and x.untyped_storage().data_ptr() == buf.untyped_storage().data_ptr():
+        if x.numel() == 0 or x.device != buf.device:
+            continue
+        xlo, xhi = _span(x)
+        if xlo < hi and lo < xhi:
             exact = x.data_ptr() == buf.data_ptr() and x.stride() == buf.stride() and x.shape == buf.shape
             if not exact:
                 raise ValueError(
