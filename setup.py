@@ -13,7 +13,7 @@ setup(
     # .ci/run installs the CPU build before this package so pip never pulls a CUDA build.
     install_requires=["torch>=2.4", "numpy"],
     extras_require={
-        "test": ["pytest>=7", "hypothesis>=6.100"],
+        "test": ["pytest>=7", "hypothesis>=6.100", "pytest-timeout>=2"],
         "triton": ["triton>=3.2"],
     },
     entry_points={"console_scripts": ["cpattn-bench=cpattn.bench.cli:main"]},
