@@ -1,0 +1,198 @@
+"""Local varlen attention with explicit positions: the compute kernel under PCP.
+
+Kernel ``attention(q, k, v, cu_seqlens_q, cu_seqlens_k, q_positions, k_positions, causal, scale)``
+(shapes in :func:`attention`). Causal masking compares positions, so a rank can attend its own
+query chunks to any block of keys (its own, a ring neighbour's, the whole gathered prompt).
+
+How it stays fast and small:
+
+* Positions are cut into *runs* (maximal stretches ``p, p+1, p+2, ...``). Under a causal mask a
+  query run ``[a, a+m)`` and a key run ``[c, c+n)`` meet in at most two tiles: the keys before
+  ``a`` (seen by every query: no mask at all) and the keys in ``[max(a, c), a+m)`` (a causal
+  triangle aligned at its top-left corner). Keys after the run's last query are never touched,
+  so blocks the causal mask hides entirely cost nothing.
+* On CPU each tile runs in ATen's flash-attention kernel (``_scaled_dot_product_flash_attention
+  _for_cpu``): blocked matmuls, vectorised exp, online softmax in float32, masked blocks of the
+  triangle skipped, GQA without repeating KV heads, and it returns the LSE. ``Dqk != Dv`` is
+  handled by zero-padding the narrower side once per call (zeros change no score and no output).
+* Elsewhere (or with ``USE_ATEN_FLASH = False``) a generic path computes each tile in float32
+  (float64 for float64 input) over query-row chunks of at most ``_CHUNK_ELEMS`` scores.
+* A query run covered by one tile is written straight to the output; one covered by several is
+  merged in a float32 accumulator (float64 for float64 input; exact LSE merge), then rounded
+  once to the output dtype.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+USE_ATEN_FLASH = True
+_CHUNK_ELEMS = 1 << 22  # generic path: at most 4M scores (16 MiB float32) per chunk
+_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def check(q, k, v, cu_seqlens_q, cu_seqlens_k, q_positions=None, k_positions=None, causal=False, scale=None):
+    """Reasons this kernel cannot run the input (the public layer validated shapes already)."""
+    reasons = []
+    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        reasons.append(f"dtype {q.dtype} is not supported (float32/float16/bfloat16/float64)")
+    if q.shape[1] % max(k.shape[1], 1) != 0:
+        reasons.append("Hq must be a multiple of Hkv")
+    return reasons
+
+
+def _runs(pos: torch.Tensor, cu: list[int]) -> list[list[tuple[int, int, int]]]:
+    """Per sequence, its runs as ``(row_start, row_end, first_position)``."""
+    n = pos.numel()
+    if n == 0:
+        return [[] for _ in range(len(cu) - 1)]
+    start = torch.ones(n, dtype=torch.bool, device=pos.device)
+    start[1:] = pos[1:] != pos[:-1] + 1
+    seq_starts = torch.tensor([c for c in cu[:-1] if c < n], dtype=torch.int64, device=pos.device)
+    start[seq_starts] = True
+    rows = torch.nonzero(start).flatten()
+    firsts = pos[rows].tolist()
+    rows = rows.tolist() + [n]
+    out: list[list[tuple[int, int, int]]] = [[] for _ in range(len(cu) - 1)]
+    b = 0
+    for i, r0 in enumerate(rows[:-1]):
+        while cu[b + 1] <= r0:
+            b += 1
+        out[b].append((r0, min(rows[i + 1], cu[b + 1]), firsts[i]))
+    return out
+
+
+def _tiles(qr: tuple[int, int, int], kr: tuple[int, int, int]):
+    """Tiles ``(q0, q1, k0, k1, triangle)`` (row ranges) where query run ``qr`` sees key run ``kr``."""
+    q0, q1, a = qr
+    k0, k1, c = kr
+    m, n = q1 - q0, k1 - k0
+    tiles = []
+    full = min(n, a - c)  # keys at positions < a: every query of the run sees them
+    if full > 0:
+        tiles.append((q0, q1, k0, k0 + full, False))
+    s = max(a, c)  # triangle: queries and keys from position s up to the run's last query
+    e = min(c + n, a + m)
+    if e > s:
+        tiles.append((q0 + (s - a), q1, k0 + (s - c), k0 + (e - c), True))
+    return tiles
+
+
+def _tile_flash(q, k, v, triangle: bool, scale: float):
+    o, lse = _FLASH(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                    0.0, triangle, scale=scale)
+    return o[0].transpose(0, 1), lse[0].transpose(0, 1)
+
+
+def _tile_generic(q, k, v, triangle: bool, scale: float):
+    m, hq, d = q.shape
+    n, hkv, dv = v.shape
+    g = hq // hkv
+    ct = torch.promote_types(q.dtype, torch.float32)
+    qf = q.to(ct).view(m, hkv, g, d).permute(1, 2, 0, 3)  # [Hkv, G, m, D]
+    kt = k.to(ct).permute(1, 2, 0).unsqueeze(1)  # [Hkv, 1, D, n]
+    vf = v.to(ct).permute(1, 0, 2).unsqueeze(1)  # [Hkv, 1, n, Dv]
+    out = torch.empty(m, hq, dv, dtype=q.dtype, device=q.device)
+    lse = torch.empty(m, hq, dtype=ct, device=q.device)
+    step = max(1, _CHUNK_ELEMS // max(hq * n, 1))
+    cols = torch.arange(n, device=q.device)
+    for r0 in range(0, m, step):
+        r1 = min(m, r0 + step)
+        s = torch.matmul(qf[:, :, r0:r1], kt).mul_(scale)  # [Hkv, G, rows, n]
+        if triangle:
+            rows = torch.arange(r0, r1, device=q.device)
+            s.masked_fill_(cols[None, :] > rows[:, None], float("-inf"))
+        l = torch.logsumexp(s, dim=-1)
+        p = torch.exp(s.sub_(l[..., None]))
+        o = torch.matmul(p, vf)  # [Hkv, G, rows, Dv]
+        out[r0:r1] = o.permute(2, 0, 1, 3).reshape(r1 - r0, hq, dv)
+        lse[r0:r1] = l.permute(2, 0, 1).reshape(r1 - r0, hq)
+    return out, lse
+
+
+def _merge_into(acc, acc_lse, o, l) -> None:
+    """``(acc, acc_lse) <- merge((acc, acc_lse), (o, l))`` in acc's dtype; ``l`` is finite."""
+    new = torch.logaddexp(acc_lse, l)
+    acc.mul_(torch.exp(acc_lse - new).unsqueeze(-1))
+    acc.add_(o * torch.exp(l - new).unsqueeze(-1))
+    acc_lse.copy_(new)
+
+
+def _default_positions(cu_q: list[int], cu_k: list[int], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys ``0..Lk-1``; queries bottom-right aligned ``Lk-Lq..Lk-1`` (as the reference)."""
+    qp, kp = [], []
+    for b in range(len(cu_q) - 1):
+        lq, lk = cu_q[b + 1] - cu_q[b], cu_k[b + 1] - cu_k[b]
+        qp.append(torch.arange(lk - lq, lk, device=device))
+        kp.append(torch.arange(lk, device=device))
+    z = torch.zeros(0, dtype=torch.int64, device=device)
+    return (torch.cat(qp) if qp else z), (torch.cat(kp) if kp else z)
+
+
+def attention(q, k, v, cu_seqlens_q, cu_seqlens_k, q_positions=None, k_positions=None, causal=False, scale=None):
+    """Varlen attention of ``q`` over ``k, v`` with an optional causal mask on explicit positions.
+
+    Args:
+        q: ``[Tq, Hq, Dqk]``; k: ``[Tk, Hkv, Dqk]``; v: ``[Tk, Hkv, Dv]``; one float dtype,
+            ``Hq % Hkv == 0`` (query head ``h`` uses KV head ``h // (Hq // Hkv)``). The last dim
+            must have stride 1; other strides are free (``k``/``v`` may be views of one buffer).
+        cu_seqlens_q, cu_seqlens_k: ``[B+1]`` int tensors delimiting the sequences of each side.
+        q_positions ``[Tq]``, k_positions ``[Tk]``: int64 positions inside each sequence (causal
+            only; default: keys ``0..Lk-1``, queries bottom-right aligned). Any values work;
+            sorted stretches are fastest.
+        causal: a query sees the keys of its sequence whose position is ``<=`` its own.
+        scale: score scale (``1/sqrt(Dqk)`` when None).
+
+    Returns:
+        ``out [Tq, Hq, Dv]`` in ``q.dtype`` and ``lse [Tq, Hq]`` float32 (natural log,
+        token-major). A query that sees no key gets ``out = 0``, ``lse = -inf``.
+    """
+    tq, hq, dqk = q.shape
+    dv = v.shape[-1]
+    scale = 1.0 / math.sqrt(dqk) if scale is None else float(scale)
+    cu_q = [int(x) for x in cu_seqlens_q.tolist()]
+    cu_k = [int(x) for x in cu_seqlens_k.tolist()]
+    out = torch.zeros(tq, hq, dv, dtype=q.dtype, device=q.device)
+    lse = torch.full((tq, hq), float("-inf"), dtype=torch.float32, device=q.device)
+    flash = USE_ATEN_FLASH and _FLASH is not None and q.device.type == "cpu"
+    tile_fn = _tile_flash if flash else _tile_generic
+    acc_dtype = torch.promote_types(q.dtype, torch.float32)  # float32, float64 for float64 input
+    if flash and dqk != dv:  # the ATen kernel wants one head size: zero-pad the narrower side
+        width = max(dqk, dv)
+        q, k, v = (torch.nn.functional.pad(x, (0, width - x.shape[-1])) if x.shape[-1] < width else x
+                   for x in (q, k, v))
+    if causal:
+        if q_positions is None or k_positions is None:
+            dq, dk = _default_positions(cu_q, cu_k, q.device)
+            q_positions = dq if q_positions is None else q_positions
+            k_positions = dk if k_positions is None else k_positions
+        q_runs, k_runs = _runs(q_positions, cu_q), _runs(k_positions, cu_k)
+    else:
+        q_runs = [[(cu_q[b], cu_q[b + 1], 0)] for b in range(len(cu_q) - 1)]
+        k_runs = [[(cu_k[b], cu_k[b + 1], 0)] for b in range(len(cu_k) - 1)]
+    for b in range(len(cu_q) - 1):
+        for qr in q_runs[b]:
+            if qr[1] <= qr[0]:
+                continue
+            if causal:
+                tiles = [t for kr in k_runs[b] if kr[1] > kr[0] for t in _tiles(qr, kr)]
+            else:
+                tiles = [(qr[0], qr[1], kr[0], kr[1], False) for kr in k_runs[b] if kr[1] > kr[0]]
+            if not tiles:
+                continue
+            r0, r1 = qr[0], qr[1]
+            if len(tiles) == 1 and tiles[0][0] == r0:  # one tile covers the run: write it directly
+                t = tiles[0]
+                o, l = tile_fn(q[t[0]:t[1]], k[t[2]:t[3]], v[t[2]:t[3]], t[4], scale)
+                out[r0:r1] = o[..., :dv]
+                lse[r0:r1] = l
+                continue
+            acc = torch.zeros(r1 - r0, hq, dv, dtype=acc_dtype, device=q.device)
+            acc_lse = torch.full((r1 - r0, hq), float("-inf"), dtype=acc_dtype, device=q.device)
+            for t in tiles:
+                o, l = tile_fn(q[t[0]:t[1]], k[t[2]:t[3]], v[t[2]:t[3]], t[4], scale)
+                _merge_into(acc[t[0] - r0:], acc_lse[t[0] - r0:], o[..., :dv], l.to(acc_dtype))
+            out[r0:r1] = acc
+            lse[r0:r1] = acc_lse
+    return out, lse
