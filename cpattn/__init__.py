@@ -3,12 +3,16 @@
 Public ops (also registered as ``torch.ops.cpattn.<name>``):
 
 * :func:`merge_attn_states`, :func:`merge_attn_states_n`: exact merges of partial results.
+* :func:`dcp_decode_attention`: decode attention over a KV cache sharded across ranks (DCP);
+  :mod:`cpattn.layout` (who owns which token), :mod:`cpattn.config` (deployment checks).
 
 LSE contract (:mod:`cpattn.lse`): float32, natural log, shaped like ``out`` without its last
 dim; ``(0, -inf)`` is the empty state; ``+inf``/NaN input LSEs are treated as empty.
 """
 from . import _library  # noqa: F401  (registers torch.ops.cpattn.*)
 from . import lse, reference
+from . import config, layout
+from .dcp import dcp_decode_attention
 from .backends import BackendError, list_backends
 from .merge import merge_attn_states, merge_attn_states_n
 
@@ -16,6 +20,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BackendError",
+    "config",
+    "dcp_decode_attention",
+    "layout",
     "list_backends",
     "lse",
     "merge_attn_states",

@@ -80,3 +80,26 @@ def merge_attn_states_n_out(
 @register_fake("cpattn::merge_attn_states_n_out")
 def _(outs, lses, out, out_lse, backend=None):
     _merge.validate("merge_attn_states_n", outs, lses, out, out_lse)
+
+
+# ---------------------------------------------------------------- dcp_decode_attention (DCP)
+# A ProcessGroup cannot be an op argument: the group travels by name ("" = default group).
+
+from . import dcp as _dcp  # noqa: E402
+
+
+@custom_op("cpattn::dcp_decode_attention", mutates_args=())
+def dcp_decode_attention(
+    q: Tensor, k_cache: Tensor, v_cache: Optional[Tensor], block_table: Tensor, seq_lens: Tensor,
+    query_start_loc: Optional[Tensor], group_name: str, interleave: int, scale: Optional[float],
+    v_head_dim: Optional[int], heads: str, combine: str, backend: Optional[str] = None,
+) -> tuple[Tensor, Tensor]:
+    return _dcp.run(q, k_cache, v_cache, block_table, seq_lens, query_start_loc, group_name, interleave, scale,
+                    v_head_dim, heads, combine, backend)
+
+
+@register_fake("cpattn::dcp_decode_attention")
+def _(q, k_cache, v_cache, block_table, seq_lens, query_start_loc, group_name, interleave, scale, v_head_dim,
+      heads, combine, backend=None):
+    dv = _dcp.check_shapes(q, k_cache, v_cache, block_table, seq_lens, query_start_loc, v_head_dim, heads, combine)
+    return q.new_empty(q.shape[0], q.shape[1], dv), q.new_empty(q.shape[0], q.shape[1], dtype=torch.float32)

@@ -4,6 +4,8 @@ Results are rounded to the output dtype (float32 for LSEs). Slow, exact, runs on
 """
 from __future__ import annotations
 
+import torch
+
 from .. import reference
 from .registry import Backend
 
@@ -15,3 +17,34 @@ def merge(outs, lses, out, out_lse):
     o, l = reference.merge_n(outs, lses)
     out.copy_(o)
     out_lse.copy_(l)
+
+
+@BACKEND.kernel("paged_attention")
+def paged_attention(q, k_cache, v_cache, block_table, query_start_loc, visible_lens, scale, v_head_dim,
+                    max_query_len, max_kv_len):
+    """Gather each request's visible local keys from the paged cache and run
+    :func:`cpattn.reference.attention` with positions (local key ``j`` is visible to a query
+    with ``visible_lens[t] = n`` iff ``j < n``). Reads the metadata on the host."""
+    bs = k_cache.shape[1]
+    qsl = [int(x) for x in query_start_loc.tolist()]
+    if len(qsl) < 2 or qsl[-1] == 0:
+        out = torch.zeros(*q.shape[:2], v_head_dim, dtype=q.dtype, device=q.device)
+        return out, torch.full(q.shape[:2], float("-inf"), dtype=torch.float32, device=q.device)
+    vis = visible_lens.to(torch.int64).cpu()
+    k_flat = k_cache.reshape(-1, *k_cache.shape[2:])
+    ks, vs, cu_k = [], [], [0]
+    for b in range(len(qsl) - 1):
+        n = int(vis[qsl[b]:qsl[b + 1]].max()) if qsl[b + 1] > qsl[b] else 0
+        j = torch.arange(n)
+        slots = (block_table[b].to(torch.int64).cpu()[j // bs] * bs + j % bs).to(k_cache.device)
+        kb = k_flat[slots]
+        ks.append(kb)
+        vs.append(kb[..., :v_head_dim] if v_cache is None else v_cache.reshape(-1, *v_cache.shape[2:])[slots])
+        cu_k.append(cu_k[-1] + n)
+    k_pos = torch.cat([torch.arange(cu_k[b + 1] - cu_k[b]) for b in range(len(cu_k) - 1)] or [torch.zeros(0, dtype=torch.int64)])
+    o, l = reference.attention(
+        q, torch.cat(ks), torch.cat(vs),
+        cu_seqlens_q=torch.tensor(qsl), cu_seqlens_k=torch.tensor(cu_k), causal=True, scale=scale,
+        q_positions=vis - 1, k_positions=k_pos,
+    )
+    return o.to(q.dtype), l.float()

@@ -17,6 +17,13 @@ Kernel signatures (internal, after the public layer validated the input):
 * ``merge(outs, lses, out, out_lse)``: ``outs`` a list of N tensors ``[..., D]``, ``lses`` a list
   of N float32 tensors ``[...]``; writes the merged result into ``out`` (inputs' dtype) and
   ``out_lse`` (float32). ``out`` may be one of ``outs`` (in-place merge).
+* ``paged_attention(q, k_cache, v_cache, block_table, query_start_loc, visible_lens, scale,
+  v_head_dim, max_query_len, max_kv_len)`` -> ``(out, lse)``: ``q [T, Hq, Dqk]`` against one
+  rank's paged cache ``k_cache [NB, bs, Hkv, Dqk]``, ``v_cache [NB, bs, Hkv, Dv]`` (None: MLA,
+  V = first ``v_head_dim`` channels of K); ``block_table [B, MB]``, ``query_start_loc [B+1]``;
+  query ``t`` sees the first ``visible_lens[t]`` local keys of its request; host ints
+  ``max_query_len``/``max_kv_len`` bound the per-request query count and ``visible_lens``.
+  Returns ``out [T, Hq, Dv]`` (q dtype) and ``lse [T, Hq]`` (float32; ``(0, -inf)`` when no key).
 """
 from __future__ import annotations
 

@@ -1,0 +1,192 @@
+"""Combining the per-rank partial results of DCP decode into the attention over the whole cache.
+
+Every rank holds ``out [T, H, Dv]`` (query dtype) and ``lse [T, H]`` (float32, natural log,
+``(0, -inf)`` for a query that saw no local key) for all ``H`` heads over its own shard of the
+KV cache. The exact result is their N-way LSE merge (:mod:`cpattn.lse`). Strategies, with the
+bytes each rank sends (``N`` ranks, ``e`` bytes per element of the query dtype, ``S = H / N``;
+``pad4`` rounds up to a multiple of 4 bytes; bandwidth-optimal collectives: an all-gather sends
+``(N-1) x`` for ``x`` bytes contributed, a reduce-scatter or all-to-all ``(N-1)/N x`` and an
+all-reduce ``2 (N-1)/N x`` for ``x`` bytes of input):
+
+``"all_gather"`` (both head modes)
+    One all-gather of ``[lse | out]`` packed in one byte buffer, then an N-way merge (of this
+    rank's ``S`` heads when sharded). Sends ``(N-1) * pad4(T*H*(4 + Dv*e))``. Simplest, most bytes.
+``"lse_reduce"`` (both head modes)
+    All-gather of the LSEs only (``(N-1) * T*H*4``), each rank rescales its output by
+    ``exp(lse_local - lse_global)`` in float32, then a float32 sum over ranks: all-reduce when
+    every rank wants all heads (``2 (N-1)/N * T*H*Dv*4``), reduce-scatter over heads when sharded
+    (``(N-1)/N * T*H*Dv*4``). Two collectives; the sum is float32 (fp32 accumulation).
+``"all_to_all"`` (sharded only)
+    One all-to-all: the slice for rank ``j`` (heads ``jS..(j+1)S-1``) carries its float32 LSE
+    packed beside the output; then an N-way merge. Sends ``(N-1)/N * N * pad4(T*S*(4 + Dv*e))``.
+
+Sums across ranks always happen in float32 (the merge kernel accumulates in float32, the
+rescaled outputs are float32). With ``heads="replicated"`` every rank ends with bitwise the same
+result (same inputs to the same merge, or one all-reduce). :func:`count_bytes` records what each
+collective sent, so tests can check the formulas above (:func:`expected_bytes`).
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from dataclasses import dataclass
+
+import torch
+
+from . import comm
+from .backends import dispatch
+from .backends.pytorch.merge import merge_weights
+
+__all__ = ["STRATEGIES", "DEFAULT", "allowed", "combine", "count_bytes", "CommRecord", "expected_bytes"]
+
+STRATEGIES = ("all_gather", "lse_reduce", "all_to_all")
+_ALLOWED = {"replicated": ("all_gather", "lse_reduce"), "sharded": ("all_gather", "lse_reduce", "all_to_all")}
+#: Default strategy per head mode (the fastest in docs/performance.md's DCP measurements).
+DEFAULT = {"replicated": "lse_reduce", "sharded": "all_to_all"}
+
+
+def allowed(heads: str) -> tuple[str, ...]:
+    return _ALLOWED[heads]
+
+
+@dataclass(frozen=True)
+class CommRecord:
+    """One collective: ``purpose`` (``"q_gather"``, ``"combine"``), ``collective``, the bytes
+    this rank contributed as input, and the bytes it sent (bandwidth-optimal algorithm)."""
+
+    purpose: str
+    collective: str
+    bytes_in: int
+    bytes_sent: int
+
+
+_records: contextvars.ContextVar[list | None] = contextvars.ContextVar("cpattn_dcp_records", default=None)
+
+
+@contextlib.contextmanager
+def count_bytes():
+    """``with count_bytes() as recs:`` collects a :class:`CommRecord` per DCP collective run
+    in this thread inside the block (the metadata check of :func:`cpattn.comm.agree` excluded)."""
+    recs: list[CommRecord] = []
+    token = _records.set(recs)
+    try:
+        yield recs
+    finally:
+        _records.reset(token)
+
+
+def _note(purpose: str, collective: str, t: torch.Tensor, n: int) -> None:
+    recs = _records.get()
+    if recs is None:
+        return
+    x = t.numel() * t.element_size()
+    sent = {"all_gather": (n - 1) * x, "all_reduce": 2 * (n - 1) * x // n,
+            "reduce_scatter": (n - 1) * x // n, "all_to_all": (n - 1) * x // n}[collective]
+    recs.append(CommRecord(purpose, collective, x, sent))
+
+
+def _pad4(n: int) -> int:
+    return -(-n // 4) * 4
+
+
+def expected_bytes(strategy: str, heads: str, world: int, T: int, H: int, Dv: int, dtype: torch.dtype) -> int:
+    """Bytes one rank sends to combine (the formulas in the module docstring); 0 at world 1."""
+    n, e = world, torch.empty((), dtype=dtype).element_size()
+    if n == 1:
+        return 0
+    if strategy == "all_gather":
+        return (n - 1) * _pad4(T * H * (4 + Dv * e))
+    if strategy == "lse_reduce":
+        rest = 2 * (n - 1) * T * H * Dv * 4 // n if heads == "replicated" else (n - 1) * T * H * Dv * 4 // n
+        return (n - 1) * T * H * 4 + rest
+    if strategy == "all_to_all":
+        return (n - 1) * _pad4(T * (H // n) * (4 + Dv * e))
+    raise ValueError(f"unknown combine strategy {strategy!r}")
+
+
+def gather_heads(q: torch.Tensor, group) -> torch.Tensor:
+    """``q [T, S, D]`` on each rank -> ``[T, N*S, D]``, rank ``i``'s heads at ``i*S .. i*S+S-1``."""
+    n = comm.world_size(group)
+    if n == 1:
+        return q
+    _note("q_gather", "all_gather", q, n)
+    g = comm.all_gather(q, group)  # [N, T, S, D]
+    return g.permute(1, 0, 2, 3).reshape(q.shape[0], n * q.shape[1], q.shape[2])
+
+
+def _bytes(x: torch.Tensor) -> torch.Tensor:
+    return x.contiguous().view(-1).view(torch.uint8)
+
+
+def _pack(lse: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``[N, pad4(...)]`` byte rows ``[lse_j | out_j]`` from ``lse [N, ...]`` and ``out [N, ...]``."""
+    n = lse.shape[0]
+    rows = torch.cat([lse.contiguous().view(n, -1).view(torch.uint8), out.contiguous().view(n, -1).view(torch.uint8)], 1)
+    pad = _pad4(rows.shape[1]) - rows.shape[1]
+    return torch.nn.functional.pad(rows, (0, pad)) if pad else rows
+
+
+def _unpack(row: torch.Tensor, lse_shape, out_shape, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    nl = 4 * _numel(lse_shape)
+    no = torch.empty((), dtype=dtype).element_size() * _numel(out_shape)
+    return row[:nl].view(torch.float32).view(lse_shape), row[nl:nl + no].view(dtype).view(out_shape)
+
+
+def _numel(shape) -> int:
+    k = 1
+    for s in shape:
+        k *= s
+    return k
+
+
+def _merge(outs, lses, backend):
+    out = torch.empty(outs[0].shape, dtype=outs[0].dtype, device=outs[0].device)
+    lse = torch.empty(outs[0].shape[:-1], dtype=torch.float32, device=outs[0].device)
+    dispatch("merge", backend, outs=list(outs), lses=list(lses), out=out, out_lse=lse)
+    return out, lse
+
+
+def combine(out: torch.Tensor, lse: torch.Tensor, *, strategy: str, heads: str, group=None,
+            backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Combine this rank's partial ``(out [T, H, Dv], lse [T, H])`` with the other ranks'.
+
+    Returns ``(out, lse)`` over the whole cache: all ``H`` heads (replicated) or this rank's
+    ``S = H/N`` heads ``rank*S .. rank*S+S-1`` (sharded); ``out`` in the input dtype, ``lse``
+    float32. Every rank of ``group`` must call it with the same shapes, strategy and heads mode
+    (the public op checks this first). World size 1: returned as is, no collective.
+    """
+    n, r = comm.world_size(group), comm.rank(group)
+    if n == 1:
+        return out, lse
+    T, H, Dv = out.shape
+    S = H // n
+    if strategy == "all_gather":
+        packed = _pack(lse.unsqueeze(0), out.unsqueeze(0))[0]
+        _note("combine", "all_gather", packed, n)
+        rows = comm.all_gather(packed, group)  # [N, bytes]
+        parts = [_unpack(rows[i], (T, H), (T, H, Dv), out.dtype) for i in range(n)]
+        if heads == "sharded":
+            parts = [(l[:, r * S:(r + 1) * S], o[:, r * S:(r + 1) * S]) for l, o in parts]
+        return _merge([o for _, o in parts], [l for l, _ in parts], backend)
+    if strategy == "lse_reduce":
+        _note("combine", "all_gather", lse, n)
+        lses = comm.all_gather(lse.contiguous(), group)  # [N, T, H]
+        frac, lse_all = merge_weights(list(lses.unbind(0)))
+        w = frac[r]
+        scaled = out.float().mul_(w[..., None]).masked_fill_((w <= 0)[..., None], 0.0)  # empty rows: 0, never NaN
+        if heads == "replicated":
+            _note("combine", "all_reduce", scaled, n)
+            return comm.all_reduce_sum(scaled, group).to(out.dtype), lse_all
+        by_dest = scaled.view(T, n, S, Dv).transpose(0, 1).reshape(n * T, S, Dv)
+        _note("combine", "reduce_scatter", by_dest, n)
+        mine = comm.reduce_scatter_sum(by_dest, group)  # [T, S, Dv]
+        return mine.to(out.dtype), lse_all[:, r * S:(r + 1) * S].contiguous()
+    if strategy == "all_to_all":
+        if heads != "sharded":
+            raise ValueError("combine 'all_to_all' needs heads='sharded'")
+        packed = _pack(lse.view(T, n, S).transpose(0, 1), out.view(T, n, S, Dv).transpose(0, 1))  # [N, bytes]
+        _note("combine", "all_to_all", packed, n)
+        rows = comm.all_to_all(packed, group)  # row i came from rank i
+        parts = [_unpack(rows[i], (T, S), (T, S, Dv), out.dtype) for i in range(n)]
+        return _merge([o for _, o in parts], [l for l, _ in parts], backend)
+    raise ValueError(f"unknown combine strategy {strategy!r}; choose one of {STRATEGIES}")
