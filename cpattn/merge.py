@@ -47,12 +47,7 @@ def merge_attn_states(
         TypeError / ValueError naming the argument for bad shapes, dtypes or devices; nothing is
         written then. :class:`cpattn.BackendError` if the requested backend cannot run it.
     """
-    if out is None and out_lse is None:
-        validate("merge_attn_states", [out_a, out_b], [lse_a, lse_b])
-        return torch.ops.cpattn.merge_attn_states(out_a, lse_a, out_b, lse_b, backend)
-    out, out_lse = _out_buffers("merge_attn_states", [out_a, out_b], [lse_a, lse_b], out, out_lse)
-    torch.ops.cpattn.merge_attn_states_out(out_a, lse_a, out_b, lse_b, out, out_lse, backend)
-    return out, out_lse
+    return _call("merge_attn_states", [out_a, out_b], [lse_a, lse_b], out, out_lse, backend)
 
 
 def merge_attn_states_n(
@@ -75,12 +70,28 @@ def merge_attn_states_n(
         exactly (up to float32 rounding) attention over the union of the key sets. The result
         does not depend on the order of the inputs beyond float32 rounding.
     """
-    outs_l, lses_l = _as_list("merge_attn_states_n", "outs", outs), _as_list("merge_attn_states_n", "lses", lses)
-    if out is None and out_lse is None:
-        validate("merge_attn_states_n", outs_l, lses_l)
-        return torch.ops.cpattn.merge_attn_states_n(outs_l, lses_l, backend)
-    out, out_lse = _out_buffers("merge_attn_states_n", outs_l, lses_l, out, out_lse)
-    torch.ops.cpattn.merge_attn_states_n_out(outs_l, lses_l, out, out_lse, backend)
+    op = "merge_attn_states_n"
+    return _call(op, _as_list(op, "outs", outs), _as_list(op, "lses", lses), out, out_lse, backend)
+
+
+def _call(op: str, outs: list, lses: list, out, out_lse, backend) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eager calls run the kernel directly (the custom-op layer costs ~100 us a call, which
+    adds up in decode loops); under ``torch.compile`` the registered ops keep the kernel opaque."""
+    two = op == "merge_attn_states"
+    if torch.compiler.is_compiling():
+        validate(op, outs, lses, out, out_lse)
+        if out is None and out_lse is None:
+            if two:
+                return torch.ops.cpattn.merge_attn_states(outs[0], lses[0], outs[1], lses[1], backend)
+            return torch.ops.cpattn.merge_attn_states_n(outs, lses, backend)
+        out, out_lse = _out_buffers(op, outs, lses, out, out_lse)
+        if two:
+            torch.ops.cpattn.merge_attn_states_out(outs[0], lses[0], outs[1], lses[1], out, out_lse, backend)
+        else:
+            torch.ops.cpattn.merge_attn_states_n_out(outs, lses, out, out_lse, backend)
+        return out, out_lse
+    out, out_lse = _out_buffers(op, outs, lses, out, out_lse)  # validates first
+    _run_checked(op, outs, lses, out, out_lse, backend)
     return out, out_lse
 
 
@@ -154,6 +165,10 @@ def _out_buffers(op, outs, lses, out, out_lse):
 def run(op: str, outs: list, lses: list, out, out_lse, backend) -> None:
     """Validate, then merge into ``out``/``out_lse`` on the chosen backend."""
     validate(op, outs, lses, out, out_lse)
+    _run_checked(op, outs, lses, out, out_lse, backend)
+
+
+def _run_checked(op: str, outs: list, lses: list, out, out_lse, backend) -> None:
     check_aliasing(op, list(outs), out, "out")
     check_aliasing(op, list(lses), out_lse, "out_lse")
     dispatch("merge", backend, outs=list(outs), lses=list(lses), out=out, out_lse=out_lse)
