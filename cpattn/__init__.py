@@ -5,6 +5,8 @@ Public ops (also registered as ``torch.ops.cpattn.<name>``):
 * :func:`merge_attn_states`, :func:`merge_attn_states_n`: exact merges of partial results.
 * :func:`dcp_decode_attention`: decode attention over a KV cache sharded across ranks (DCP);
   :mod:`cpattn.layout` (who owns which token), :mod:`cpattn.config` (deployment checks).
+* :func:`pcp_ring_prefill`: prefill attention of a prompt spread over ranks (PCP), with
+  :func:`pcp_partition` (head-tail token layout) and :func:`pcp_restore` (back to global order).
 
 LSE contract (:mod:`cpattn.lse`): float32, natural log, shaped like ``out`` without its last
 dim; ``(0, -inf)`` is the empty state; ``+inf``/NaN input LSEs are treated as empty.
@@ -15,6 +17,8 @@ from . import config, layout
 from .dcp import dcp_decode_attention
 from .backends import BackendError, list_backends
 from .merge import merge_attn_states, merge_attn_states_n
+from .partition import pcp_partition, pcp_restore
+from .pcp import pcp_ring_prefill
 
 __version__ = "0.1.0"
 
@@ -27,5 +31,8 @@ __all__ = [
     "lse",
     "merge_attn_states",
     "merge_attn_states_n",
+    "pcp_partition",
+    "pcp_restore",
+    "pcp_ring_prefill",
     "reference",
 ]

@@ -103,3 +103,24 @@ def _(q, k_cache, v_cache, block_table, seq_lens, query_start_loc, group_name, i
       heads, combine, backend=None):
     dv = _dcp.check_shapes(q, k_cache, v_cache, block_table, seq_lens, query_start_loc, v_head_dim, heads, combine)
     return q.new_empty(q.shape[0], q.shape[1], dv), q.new_empty(q.shape[0], q.shape[1], dtype=torch.float32)
+
+
+# ---------------------------------------------------------------- pcp_ring_prefill (PCP)
+# A ProcessGroup cannot be an op argument: the op takes the group's name ("" = default group).
+
+
+@custom_op("cpattn::pcp_ring_prefill", mutates_args=())
+def pcp_ring_prefill(
+    q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, group_name: str = "", causal: bool = True,
+    scale: Optional[float] = None, method: str = "ring", backend: Optional[str] = None,
+) -> tuple[Tensor, Tensor]:
+    from . import pcp as _pcp
+
+    return _pcp.run(q, k, v, cu_seqlens, group_name, causal, scale, method, backend)
+
+
+@register_fake("cpattn::pcp_ring_prefill")
+def _(q, k, v, cu_seqlens, group_name="", causal=True, scale=None, method="ring", backend=None):
+    from . import pcp as _pcp
+
+    return _pcp.empty_outputs(q, v)

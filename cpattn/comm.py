@@ -25,6 +25,9 @@ __all__ = [
     "RingComm",
     "agree",
     "CollectiveInputError",
+    "group_name",
+    "resolve_group",
+    "is_process_group",
 ]
 
 
@@ -63,6 +66,26 @@ def _default_device(backend: str) -> str:
     if backend == "hccl":
         return f"npu:{torch.npu.current_device()}"  # type: ignore[attr-defined]
     return "cpu"
+
+
+def is_process_group(group) -> bool:
+    """True for a ``torch.distributed`` ProcessGroup (None, the default group, is checked apart)."""
+    return dist.is_available() and isinstance(group, dist.ProcessGroup)
+
+
+def group_name(group=None) -> str:
+    """The name torch.library ops carry instead of a ProcessGroup (``""``: the default group, or
+    a single process when ``torch.distributed`` is not initialised)."""
+    if group is None or not _initialized():
+        return ""
+    return group.group_name
+
+
+def resolve_group(name: str | None):
+    """Inverse of :func:`group_name`: the ProcessGroup called ``name`` (None for ``""``)."""
+    if not name or not _initialized():
+        return None
+    return dist.distributed_c10d._resolve_process_group(name)
 
 
 def all_gather(t: torch.Tensor, group=None) -> torch.Tensor:

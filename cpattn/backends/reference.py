@@ -48,3 +48,11 @@ def paged_attention(q, k_cache, v_cache, block_table, query_start_loc, visible_l
         q_positions=vis - 1, k_positions=k_pos,
     )
     return o.to(q.dtype), l.float()
+
+
+@BACKEND.kernel("attention")
+def attention(q, k, v, cu_seqlens_q, cu_seqlens_k, q_positions=None, k_positions=None, causal=False, scale=None):
+    """:func:`cpattn.reference.attention` in float64, rounded to ``q.dtype`` (LSE float32)."""
+    o, l = reference.attention(q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, causal=causal,
+                               scale=scale, q_positions=q_positions, k_positions=k_positions)
+    return o.to(q.dtype), l.float()

@@ -24,6 +24,13 @@ Kernel signatures (internal, after the public layer validated the input):
   query ``t`` sees the first ``visible_lens[t]`` local keys of its request; host ints
   ``max_query_len``/``max_kv_len`` bound the per-request query count and ``visible_lens``.
   Returns ``out [T, Hq, Dv]`` (q dtype) and ``lse [T, Hq]`` (float32; ``(0, -inf)`` when no key).
+* ``attention(q, k, v, cu_seqlens_q, cu_seqlens_k, q_positions, k_positions, causal, scale)`` ->
+  ``(out, lse)``: varlen attention of ``q [Tq, Hq, Dqk]`` over ``k [Tk, Hkv, Dqk]``,
+  ``v [Tk, Hkv, Dv]`` (last dim stride 1); ``cu_seqlens_q/k [B+1]`` int tensors; with ``causal``
+  a query sees the keys of its sequence at positions ``<=`` its own (``q_positions [Tq]``,
+  ``k_positions [Tk]`` int64, or None: keys ``0..Lk-1``, queries bottom-right aligned); ``scale``
+  a float or None (``1/sqrt(Dqk)``). Returns ``out [Tq, Hq, Dv]`` (q dtype) and ``lse [Tq, Hq]``
+  (float32, natural log; ``(0, -inf)`` for a query that sees no key).
 """
 from __future__ import annotations
 

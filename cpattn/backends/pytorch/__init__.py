@@ -6,8 +6,10 @@ from __future__ import annotations
 
 from ..registry import Backend
 from . import merge as _merge
+from . import varlen as _varlen
 from . import paged as _paged
 
 BACKEND = Backend("pytorch", "chunked plain-PyTorch kernels, float32 accumulation (any device)")
 BACKEND.kernel("merge")(_merge.merge)
 BACKEND.kernel("paged_attention", _paged.check)(_paged.paged_attention)
+BACKEND.kernel("attention", _varlen.check)(_varlen.attention)

@@ -1,0 +1,173 @@
+"""PCP, prefill context parallel: one prompt's attention spread over the ranks of a group.
+
+Public op :func:`pcp_ring_prefill` (also ``torch.ops.cpattn.pcp_ring_prefill``, which takes the
+group's name instead of the group). The methods live in :mod:`cpattn.ring`, the token layout in
+:mod:`cpattn.partition`; background and pictures in ``docs/pcp.md``.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import _validate as V
+from . import comm
+from .backends import BackendError, select
+from .partition import _partition, check_cu_seqlens
+
+__all__ = ["pcp_ring_prefill", "METHODS"]
+
+OP = "pcp_ring_prefill"
+METHODS = ("ring", "allgather")
+
+
+def pcp_ring_prefill(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    *,
+    group,
+    causal: bool = True,
+    scale: float | None = None,
+    method: str = "ring",
+    return_lse: bool = False,
+    backend: str | None = None,
+):
+    """Attention of this rank's prompt tokens over the whole prompt, the prompt spread over ``group``.
+
+    Every rank of ``group`` calls this collectively with its own tokens.
+
+    Args:
+        q: ``[Tr, Hq, Dqk]`` this rank's queries, rows in ``pcp_partition(cu_seqlens, N, rank)
+            .index`` order (N = size of ``group``).
+        k: ``[Tr, Hkv, Dqk]`` and v: ``[Tr, Hkv, Dv]``: this rank's keys and values, same rows.
+            ``Hq % Hkv == 0`` (GQA/MQA: query head ``h`` uses KV head ``h // (Hq // Hkv)``; KV
+            heads are never repeated, in memory or on the wire). ``Dv`` may differ from ``Dqk``
+            (MLA prefill: 192/128). One floating dtype (float32, float16, bfloat16, float64) and
+            one device for q, k and v.
+        cu_seqlens: ``[B+1]`` int32/int64, the **global** (unsharded) packed batch; the same on
+            every rank. Any lengths >= 0: no padding to a multiple of ``2N``.
+        group: the ProcessGroup of the ranks sharing the prompt (None: the default group, or a
+            single process when ``torch.distributed`` is not initialised: then no collective).
+        causal: a query sees the keys of its own sequence at positions ``<=`` its own.
+        scale: score scale, ``1/sqrt(Dqk)`` when None.
+        method: ``"ring"`` (pass-KV ring, N-1 block transfers overlapped with compute, partials
+            merged in float32; KV memory of two blocks) or ``"allgather"`` (one all-gather of
+            KV, then local masked attention; KV memory of the whole prompt).
+        return_lse: also return the LSE.
+        backend: local kernel backend (``"pytorch"``, ``"reference"``) or None (automatic).
+
+    Returns:
+        ``out [Tr, Hq, Dv]`` in q's dtype, this rank's rows of attention over the whole prompt
+        (gather them with :func:`cpattn.pcp_restore`); with ``return_lse``, also
+        ``lse [Tr, Hq]``: float32, natural log, token-major, ``log sum_k exp(scale * q.k)`` over
+        every key the row sees (cpattn's LSE contract, :mod:`cpattn.lse`; every row sees at least
+        itself when causal, so it is finite; a zero-length batch gives empty tensors).
+
+    Raises:
+        TypeError / ValueError naming the argument, on **every** rank of the group, when any
+        rank's input is bad or ranks disagree (cu_seqlens, dtype, head counts, head dims,
+        causal, scale, method, backend): :class:`cpattn.comm.CollectiveInputError` on the ranks
+        whose own input was fine. Row counts that do not match this rank's share (for example a
+        batch partitioned for another group size) are refused the same way. Nothing is
+        written; no collective is left waiting.
+    """
+    if group is not None and not comm.is_process_group(group):
+        raise TypeError(f"{OP}: group must be a torch.distributed ProcessGroup or None; got {type(group).__name__}")
+    try:
+        for name, x in (("q", q), ("k", k), ("v", v)):
+            V.tensor(OP, name, x, dim=3, dtypes=V.FLOAT_DTYPES)
+        if isinstance(cu_seqlens, (list, tuple)):
+            cu_seqlens = torch.tensor(check_cu_seqlens(OP, cu_seqlens), dtype=torch.int64)
+        V.tensor(OP, "cu_seqlens", cu_seqlens, dim=1, dtypes=V.INDEX_DTYPES)
+        for name, x in (("causal", causal), ("return_lse", return_lse)):
+            if not isinstance(x, bool):
+                raise TypeError(f"{OP}: {name} must be a bool; got {type(x).__name__}")
+        if scale is not None:
+            V.scale_value(OP, scale, 1)
+        if not isinstance(method, str) or method not in METHODS:
+            raise ValueError(f"{OP}: method must be one of {METHODS}; got {method!r}")
+        if backend is not None and not isinstance(backend, str):
+            raise TypeError(f"{OP}: backend must be a str or None; got {type(backend).__name__}")
+    except (TypeError, ValueError) as exc:
+        comm.agree(OP, exc, agreed_fields(q, k, v, cu_seqlens, causal, scale, method, backend), group)
+        raise  # unreachable: agree re-raises
+    out, lse = torch.ops.cpattn.pcp_ring_prefill(
+        q, k, v, cu_seqlens, comm.group_name(group), causal, None if scale is None else float(scale), method, backend
+    )
+    return (out, lse) if return_lse else out
+
+
+def _safe(fn):
+    try:
+        return fn()
+    except Exception:
+        return "?"
+
+
+def agreed_fields(q, k, v, cu_seqlens, causal, scale, method, backend) -> dict:
+    """What every rank must agree on; the same keys whatever the input (agree is a collective)."""
+    return {
+        "cu_seqlens": _safe(lambda: tuple(int(x) for x in cu_seqlens.tolist())),
+        "causal": _safe(lambda: bool(causal)),
+        "scale": _safe(lambda: None if scale is None else float(scale)),
+        "method": _safe(lambda: str(method)),
+        "backend": _safe(lambda: str(backend)),
+        "dtype": _safe(lambda: str(q.dtype)),
+        "heads (Hq, Hkv)": _safe(lambda: (q.shape[1], k.shape[1])),
+        "head dims (Dqk, Dv)": _safe(lambda: (q.shape[2], v.shape[2])),
+    }
+
+
+def validate_local(q, k, v, cu_seqlens, n: int, r: int, method: str) -> tuple[int, ...]:
+    """This rank's checks (no collective); returns cu_seqlens as a tuple of ints."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        V.tensor(OP, name, x, dim=3, dtypes=V.FLOAT_DTYPES)
+    V.same(OP, "dtype", {"q": q, "k": k, "v": v}, "dtype")
+    V.same_device(OP, {"q": q, "k": k, "v": v})
+    if k.shape[0] != q.shape[0] or v.shape[0] != q.shape[0]:
+        raise ValueError(f"{OP}: q, k and v must hold the same {q.shape[0]} tokens; got k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if k.shape[2] != q.shape[2]:
+        raise ValueError(f"{OP}: k must have q's head dim Dqk={q.shape[2]}; got {k.shape[2]}")
+    if v.shape[1] != k.shape[1]:
+        raise ValueError(f"{OP}: v must have k's {k.shape[1]} heads; got {v.shape[1]}")
+    if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
+        raise ValueError(f"{OP}: Hq ({q.shape[1]}) must be a positive multiple of Hkv ({k.shape[1]})")
+    if method not in METHODS:
+        raise ValueError(f"{OP}: method must be one of {METHODS}; got {method!r}")
+    vals = check_cu_seqlens(OP, cu_seqlens)
+    want = _partition(vals, n, r).num_tokens
+    if q.shape[0] != want:
+        raise ValueError(
+            f"{OP}: rank {r} of {n} holds {want} tokens of this batch (pcp_partition(cu_seqlens, {n}, {r})), "
+            f"but q has {q.shape[0]} rows: pass each rank its own rows in pcp_partition order, "
+            f"partitioned for this group's size ({n})"
+        )
+    return vals
+
+
+def run(q, k, v, cu_seqlens, group_name: str, causal: bool, scale, method: str, backend):
+    """The op's implementation: validate, agree across ranks, then run the chosen method."""
+    from . import ring
+
+    group = comm.resolve_group(group_name)
+    n, r = comm.world_size(group), comm.rank(group)
+    error, vals = None, None
+    try:
+        vals = validate_local(q, k, v, cu_seqlens, n, r, method)
+        scale_v = V.scale_value(OP, scale, q.shape[2])
+        select("attention", backend, dict(q=q, k=k, v=v, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens,
+                                          causal=causal, scale=scale_v))
+    except (TypeError, ValueError, BackendError) as exc:
+        error = exc
+    comm.agree(OP, error, agreed_fields(q, k, v, cu_seqlens, causal, scale, method, backend), group)
+    if vals[-1] == 0:
+        return empty_outputs(q, v)
+    fn = ring.ring_prefill if method == "ring" else ring.allgather_prefill
+    return fn(q, k, v, vals, group=group, causal=causal, scale=scale_v, backend=backend)
+
+
+def empty_outputs(q, v) -> tuple[torch.Tensor, torch.Tensor]:
+    """Output buffers of the op's shapes (also the fake implementation)."""
+    out = q.new_empty(q.shape[0], q.shape[1], v.shape[2])
+    lse = torch.empty(q.shape[0], q.shape[1], dtype=torch.float32, device=q.device)
+    return out, lse
