@@ -89,10 +89,13 @@ def dcp_decode_attention(
     Reads ``seq_lens``, ``query_start_loc`` and the used block ids on the host (validation and
     chunk bounds), so the op is not CUDA-graph capturable. World size 1: no collective at all.
     """
-    out, lse = torch.ops.cpattn.dcp_decode_attention(
-        q, k_cache, v_cache, block_table, seq_lens, query_start_loc, group_name(group), interleave, scale,
-        v_head_dim, heads, combine or "", backend,
-    )
+    args = (q, k_cache, v_cache, block_table, seq_lens, query_start_loc, group_name(group), interleave, scale,
+            v_head_dim, heads, combine or "", backend)
+    devices = {t.device for t in args[:6] if isinstance(t, torch.Tensor)}
+    # Mixed devices (e.g. one tensor on "meta") would make the dispatcher pick another device's
+    # kernel on this rank only; run the implementation directly so the error reaches every rank.
+    op = torch.ops.cpattn.dcp_decode_attention if len(devices) <= 1 else run
+    out, lse = op(*args)
     return (out, lse) if return_lse else out
 
 

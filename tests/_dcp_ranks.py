@@ -93,7 +93,7 @@ def run_bad(p: dict, mutation: str, bad_rank: int | None) -> str:
         _mutate(inp, mutation)
     before = {k: v.clone() for k, v in inp.items() if isinstance(v, torch.Tensor) and v.device.type != "meta"}
     try:
-        _call(inp, combine=p.get("combine"))
+        _call(inp, combine=inp.get("combine", p.get("combine")))
     except Exception:
         for k, v in before.items():
             assert torch.equal(inp[k].nan_to_num(0.0), v.nan_to_num(0.0)) if v.is_floating_point() else torch.equal(inp[k], v), \
@@ -119,6 +119,8 @@ def _mutate(inp: dict, mutation: str) -> None:
         inp["q"] = inp["q"][:, :1].contiguous()
     elif mutation == "block_id_out_of_range":
         inp["block_table"] = inp["block_table"] + inp["k_cache"].shape[0]
+    elif mutation == "combine_differs":
+        inp["combine"] = "all_gather"
     elif mutation == "mla_without_v_head_dim":
         inp["v_head_dim"] = None
     elif mutation == "none":
