@@ -89,7 +89,9 @@ def dcp_decode_attention(
     Reads ``seq_lens``, ``query_start_loc`` and the used block ids on the host (validation and
     chunk bounds), so the op is not CUDA-graph capturable. World size 1: no collective at all.
     """
-    args = (q, k_cache, v_cache, block_table, seq_lens, query_start_loc, group_name(group), interleave, scale,
+    if group is not None and not comm.is_process_group(group):
+        raise TypeError(f"{OP}: group must be a torch.distributed ProcessGroup or None; got {type(group).__name__}")
+    args = (q, k_cache, v_cache, block_table, seq_lens, query_start_loc, comm.group_name(group), interleave, scale,
             v_head_dim, heads, combine or "", backend)
     devices = {t.device for t in args[:6] if isinstance(t, torch.Tensor)}
     # Mixed devices (e.g. one tensor on "meta") would make the dispatcher pick another device's
@@ -97,19 +99,6 @@ def dcp_decode_attention(
     op = torch.ops.cpattn.dcp_decode_attention if len(devices) <= 1 else run
     out, lse = op(*args)
     return (out, lse) if return_lse else out
-
-
-def group_name(group) -> str:
-    """The name passed to the registered op for ``group`` ("" for the default group)."""
-    return "" if group is None else group.group_name
-
-
-def resolve_group(name: str):
-    if not name or not comm._initialized():
-        return None
-    from torch.distributed import distributed_c10d as c10d
-
-    return c10d._resolve_process_group(name)
 
 
 @dataclass
@@ -124,7 +113,8 @@ class _Plan:
     visible: torch.Tensor
     max_query_len: int
     max_kv_len: int
-    backend: object
+    backend: object  # Backend running paged_attention
+    merge_backend: object  # Backend running the combine's merge (None at world size 1)
 
 
 def check_shapes(q, k_cache, v_cache, block_table, seq_lens, query_start_loc, v_head_dim, heads, combine) -> int:
@@ -223,16 +213,20 @@ def plan(q, k_cache, v_cache, block_table, seq_lens, query_start_loc, interleave
     be = select("paged_attention", backend, dict(
         q=q, k_cache=k_cache, v_cache=v_cache, block_table=block_table, query_start_loc=qsl_t, visible_lens=visible,
         scale=sc, v_head_dim=dv, max_query_len=0, max_kv_len=0))
-    if n > 1:  # the combine merges on the same backend: refuse now, not between collectives
-        select("merge", backend, {"outs": [q], "lses": [q]})
+    merge_be = None
+    if n > 1:  # pick the merge backend now: refuse before any collective, not between two
+        s = h // n if heads == "sharded" else h
+        o = torch.empty((), dtype=q.dtype, device=q.device).expand(T, s, dv)
+        lz = torch.empty((), dtype=torch.float32, device=q.device).expand(T, s)
+        merge_be = select("merge", backend, {"outs": [o] * n, "lses": [lz] * n, "out": o, "out_lse": lz})
     return _Plan(n, r, h, dv, sc, combine or dcp_combine.DEFAULT[heads], qsl_t, visible,
-                 max((b - a for a, b in zip(qsl, qsl[1:])), default=0), max(local, default=0), be)
+                 max((b - a for a, b in zip(qsl, qsl[1:])), default=0), max(local, default=0), be, merge_be)
 
 
 def run(q, k_cache, v_cache, block_table, seq_lens, query_start_loc, group_name_: str, interleave, scale,
         v_head_dim, heads, combine, backend):
     """The implementation behind ``torch.ops.cpattn.dcp_decode_attention``."""
-    group = resolve_group(group_name_)
+    group = comm.resolve_group(group_name_)
     err, p = None, None
     try:
         p = plan(q, k_cache, v_cache, block_table, seq_lens, query_start_loc, interleave, scale, v_head_dim,
@@ -249,7 +243,7 @@ def run(q, k_cache, v_cache, block_table, seq_lens, query_start_loc, group_name_
         "paged_attention", q=q_all, k_cache=k_cache, v_cache=v_cache, block_table=block_table,
         query_start_loc=p.qsl, visible_lens=p.visible, scale=p.scale, v_head_dim=p.v_head_dim,
         max_query_len=p.max_query_len, max_kv_len=p.max_kv_len)
-    return dcp_combine.combine(out, lse, strategy=p.combine, heads=heads, group=group, backend=backend)
+    return dcp_combine.combine(out, lse, strategy=p.combine, heads=heads, group=group, backend=p.merge_backend)
 
 
 def _fields(q, k_cache, v_cache, seq_lens, query_start_loc, interleave, heads, combine, p) -> dict:

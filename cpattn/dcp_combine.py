@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from . import comm
-from .backends import dispatch
+from .backends import Backend, dispatch
 from .backends.pytorch.merge import merge_weights
 
 __all__ = ["STRATEGIES", "DEFAULT", "allowed", "combine", "count_bytes", "CommRecord", "expected_bytes"]
@@ -142,18 +142,22 @@ def _numel(shape) -> int:
 def _merge(outs, lses, backend):
     out = torch.empty(outs[0].shape, dtype=outs[0].dtype, device=outs[0].device)
     lse = torch.empty(outs[0].shape[:-1], dtype=torch.float32, device=outs[0].device)
-    dispatch("merge", backend, outs=list(outs), lses=list(lses), out=out, out_lse=lse)
+    if isinstance(backend, Backend):
+        backend.run("merge", outs=list(outs), lses=list(lses), out=out, out_lse=lse)
+    else:
+        dispatch("merge", backend, outs=list(outs), lses=list(lses), out=out, out_lse=lse)
     return out, lse
 
 
 def combine(out: torch.Tensor, lse: torch.Tensor, *, strategy: str, heads: str, group=None,
-            backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+            backend: str | Backend | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Combine this rank's partial ``(out [T, H, Dv], lse [T, H])`` with the other ranks'.
 
     Returns ``(out, lse)`` over the whole cache: all ``H`` heads (replicated) or this rank's
     ``S = H/N`` heads ``rank*S .. rank*S+S-1`` (sharded); ``out`` in the input dtype, ``lse``
     float32. Every rank of ``group`` must call it with the same shapes, strategy and heads mode
-    (the public op checks this first). World size 1: returned as is, no collective.
+    (the public op checks this first). ``backend``: the merge kernel's backend, a name (or None:
+    automatic) or a :class:`~cpattn.backends.Backend`. World size 1: returned as is, no collective.
     """
     n, r = comm.world_size(group), comm.rank(group)
     if n == 1:

@@ -127,3 +127,22 @@ def _mutate(inp: dict, mutation: str) -> None:
         pass
     else:
         raise ValueError(mutation)
+
+
+def run_case_in_subgroups(p: dict, combines: list[str]) -> dict:
+    """World 4 split into DCP groups {0, 1} and {2, 3} (like DCP2 inside TP4): each pair runs case
+    ``p`` (world 2) over its own group, passed to the op as a ProcessGroup (travels by name)."""
+    groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    g = groups[dist.get_rank() // 2]
+    world, rank = dist.get_world_size(g), dist.get_rank(g)
+    inp = local_inputs(p, world, rank)
+    res = {}
+    for cmb in combines:
+        out, lse = cpattn.dcp_decode_attention(
+            inp["q"], inp["k_cache"], inp["v_cache"], inp["block_table"], inp["seq_lens"], group=g,
+            query_start_loc=inp["query_start_loc"], interleave=inp["interleave"], v_head_dim=inp["v_head_dim"],
+            heads=inp["heads"], return_lse=True, combine=cmb)
+        res[cmb] = (out, lse, [])
+    for x in groups:
+        dist.destroy_process_group(x)
+    return res

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 import cpattn
 from cpattn import dcp_combine, reference
-from _dcp_ranks import DTYPES, make_case, run_case, run_without_collectives
+from _dcp_ranks import DTYPES, make_case, run_case, run_case_in_subgroups, run_without_collectives
 from conftest import examples
 from tolerance import assert_close
 
@@ -92,6 +92,16 @@ def test_reference_backend_agrees(gloo, world, heads):
     p = {"seed": 5, "world": world, "bs": 4, "il": 4, "mla": False, "heads": heads, "hq": 4 * world, "hkv": 2,
          "dqk": 8, "dv": 8, "lens": [1, 9, 30], "nq": [1, 3, 2], "dtype": "float32", "backend": "reference"}
     check_case(p, gloo(world).run(run_case, p, list(dcp_combine.allowed(heads))))
+
+
+@pytest.mark.parametrize("heads", ["replicated", "sharded"])
+def test_dcp_group_inside_a_larger_world(gloo, heads):
+    """The group argument is honoured: two DCP pairs inside a world of 4 compute independently."""
+    p = {"seed": 8, "world": 2, "bs": 2, "il": 2, "mla": True, "heads": heads, "hq": 4, "hkv": 1, "dqk": 6,
+         "dv": 4, "lens": [5, 12], "nq": [2, 1], "dtype": "float32"}
+    res = gloo(4).run(run_case_in_subgroups, p, list(dcp_combine.allowed(heads)))
+    check_case(p, res[:2])
+    check_case(p, res[2:])
 
 
 def test_world_one_uses_no_collective(gloo):
