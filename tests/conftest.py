@@ -8,6 +8,13 @@ from __future__ import annotations
 
 import os
 
+import torch
+
+if not torch.cuda.is_available():
+    # Triton kernels run on CPU tensors under the interpreter; it must be chosen before any
+    # kernel module is imported (the tests request backend="triton" explicitly).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import pytest
 from hypothesis import HealthCheck, settings
 

@@ -48,6 +48,7 @@ ENV_VAR = "CPATTN_BACKEND"
 # Module that defines each backend (as a module-level ``BACKEND``), in automatic-choice order:
 # fastest first, the float64 oracle last.
 _MODULES = {
+    "triton": "cpattn.backends.triton",
     "pytorch": "cpattn.backends.pytorch",
     "reference": "cpattn.backends.reference",
 }
@@ -69,11 +70,13 @@ class Backend:
     """A named set of kernels, each able to say why it cannot run an input.
 
     ``device_types``: the torch device types the backend runs on (None: any).
+    ``auto_device_types``: those on which automatic choice may pick it (None: all it runs on).
     """
 
     name: str
     description: str
     device_types: tuple[str, ...] | None = None
+    auto_device_types: tuple[str, ...] | None = None
     kernels: dict[str, Kernel] = field(default_factory=dict)
 
     def kernel(self, op: str, check: Callable[..., list[str]] | None = None):
@@ -85,14 +88,18 @@ class Backend:
 
         return deco
 
-    def reasons(self, op: str, inputs: dict[str, Any]) -> list[str]:
+    def reasons(self, op: str, inputs: dict[str, Any], *, auto: bool = False) -> list[str]:
+        """Why this backend cannot run ``op`` on ``inputs`` (empty: it can). ``auto``: for an
+        automatic choice rather than an explicit request."""
         if op not in self.kernels:
             return [f"has no '{op}' kernel"]
         reasons = []
-        if self.device_types is not None:
-            dev = _device_type(inputs)
-            if dev is not None and dev not in self.device_types:
-                reasons.append(f"runs on {'/'.join(self.device_types)}, not on '{dev}' tensors")
+        dev = _device_type(inputs)
+        if self.device_types is not None and dev is not None and dev not in self.device_types:
+            reasons.append(f"runs on {'/'.join(self.device_types)}, not on '{dev}' tensors")
+        elif auto and self.auto_device_types is not None and dev is not None and dev not in self.auto_device_types:
+            reasons.append(f"is chosen automatically only for {'/'.join(self.auto_device_types)} tensors "
+                           f"(request it explicitly for '{dev}')")
         check = self.kernels[op].check
         if check is not None:
             reasons.extend(check(**inputs))
@@ -158,7 +165,7 @@ def select(op: str, backend: str | None, inputs: dict[str, Any]) -> Backend:
         if isinstance(b, str):
             all_reasons.append(f"{name}: {b}")
             continue
-        reasons = b.reasons(op, inputs)
+        reasons = b.reasons(op, inputs, auto=True)
         if not reasons:
             return b
         all_reasons.append(f"{name}: " + "; ".join(reasons))

@@ -1,0 +1,119 @@
+"""N-way LSE merge as one Triton kernel (CUDA; Ascend through triton-ascend; CPU interpreter).
+
+Written to the portable subset that triton-ascend (Triton 3.2 based) accepts: plain pointers and
+masks, a 1-D grid of at most 65535 programs with a persistent loop over rows, float32 math
+right after each load, no autotuning at import, no ``num_warps``/``num_stages`` reliance, and
+64-bit offsets computed once per row, outside the inner loops.
+
+Inputs are addressed as ``first`` (input 0) plus ``rest`` (inputs 1..N-1, ``stride_n`` apart), so
+a stacked ``[N, ..., D]`` tensor and two separate tensors (the 2-way merge) both run without a
+copy; any other list of tensors is stacked once by the host wrapper.
+
+An input whose LSE is ``-inf``, ``+inf`` or NaN gets weight 0 and its ``out`` row is never
+loaded (masked load), so garbage or NaN under an empty LSE cannot leak into the result.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_PROGRAMS = 65535
+
+
+@triton.jit
+def _clean(lse):
+    """+inf and NaN mean empty (-inf)."""
+    bad = (lse != lse) | (lse == float("inf"))
+    return tl.where(bad, float("-inf"), lse)
+
+
+@triton.jit
+def _merge_kernel(
+    first_ptr, rest_ptr, stride_n, stride_row,
+    lse_first_ptr, lse_rest_ptr, lse_stride_n, lse_stride_row,
+    out_ptr, out_stride_row, out_lse_ptr,
+    rows, D, N_REST,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    n_offs = tl.arange(0, BLOCK_N)
+    d_offs = tl.arange(0, BLOCK_D)
+    for row in range(pid, rows, nprog):
+        r64 = tl.cast(row, tl.int64)
+        l0 = _clean(tl.load(lse_first_ptr + r64 * lse_stride_row).to(tl.float32))
+        lr = tl.load(lse_rest_ptr + r64 * lse_stride_row + n_offs.to(tl.int64) * lse_stride_n,
+                     mask=n_offs < N_REST, other=float("-inf")).to(tl.float32)
+        lr = _clean(lr)
+        m = tl.maximum(l0, tl.max(lr, axis=0))
+        m = tl.where(m == float("-inf"), 0.0, m)
+        w0 = tl.exp(l0 - m)
+        wr = tl.exp(lr - m)
+        total = w0 + tl.sum(wr, axis=0)
+        inv = tl.where(total > 0, 1.0 / tl.where(total > 0, total, 1.0), 0.0)
+        tl.store(out_lse_ptr + r64, m + tl.log(total))
+        f0 = w0 * inv
+        src0 = first_ptr + r64 * stride_row
+        dst = out_ptr + r64 * out_stride_row
+        rest_row = rest_ptr + r64 * stride_row
+        # An input of weight 0 reads nothing: its bound is 0 instead of D.
+        lim0 = tl.where(f0 > 0, D, 0)
+        for d0 in range(0, D, BLOCK_D):
+            d = d0 + d_offs
+            acc = tl.load(src0 + d, mask=d < lim0, other=0.0).to(tl.float32) * f0
+            for i in range(0, N_REST):
+                li = _clean(tl.load(lse_rest_ptr + r64 * lse_stride_row + i * lse_stride_n).to(tl.float32))
+                fi = tl.exp(li - m) * inv
+                x = tl.load(rest_row + i * stride_n + d, mask=d < tl.where(fi > 0, D, 0), other=0.0).to(tl.float32)
+                acc += x * fi
+            tl.store(dst + d, acc.to(out_ptr.dtype.element_ty), mask=d < D)
+
+
+def _rows(t: torch.Tensor, rows: int, D: int) -> torch.Tensor:
+    """``t`` as ``[rows, D]`` with unit stride on D (a view when possible, else a copy)."""
+    v = t.reshape(rows, D)
+    return v if (D <= 1 or v.stride(1) == 1) else v.contiguous()
+
+
+def _as_first_rest(ts: list[torch.Tensor], rows: int, D: int):
+    """``(first, rest, stride_n, n_rest)``: inputs 1.. must sit ``stride_n`` elements apart with
+    input 0's row stride; otherwise they are stacked (one copy)."""
+    views = [_rows(t, rows, D) for t in ts]
+    n = len(views)
+    if n == 1:
+        return views[0], views[0], 0, 0
+    es = views[0].element_size()
+    row_strides = {v.stride(0) if rows > 1 else 0 for v in views}
+    deltas = [(views[i].data_ptr() - views[1].data_ptr()) for i in range(1, n)]
+    step = deltas[1] if n > 2 else 0
+    uniform = len(row_strides) == 1 and all(dl == i * step for i, dl in enumerate(deltas)) and step % es == 0
+    if uniform:
+        return views[0], views[1], step // es, n - 1
+    stacked = torch.stack(views)  # [N, rows, D] contiguous
+    return stacked[0], stacked[1], stacked.stride(0), n - 1
+
+
+def merge(outs: list[torch.Tensor], lses: list[torch.Tensor], out: torch.Tensor, out_lse: torch.Tensor) -> None:
+    D = out.shape[-1]
+    rows = out_lse.numel()
+    if rows == 0:
+        return
+    target = out.view(rows, D) if out.is_contiguous() else torch.empty(rows, D, dtype=out.dtype, device=out.device)
+    lse_target = out_lse.view(rows) if out_lse.is_contiguous() else torch.empty(rows, dtype=torch.float32,
+                                                                                device=out.device)
+    first, rest, stride_n, n_rest = _as_first_rest(outs, rows, max(D, 1))
+    lfirst, lrest, lstride_n, _ = _as_first_rest([l.unsqueeze(-1) for l in lses], rows, 1)
+    grid = (min(rows, MAX_PROGRAMS),)
+    _merge_kernel[grid](
+        first, rest, stride_n, first.stride(0) if rows > 1 else 0,
+        lfirst, lrest, lstride_n, lfirst.stride(0) if rows > 1 else 0,
+        target, target.stride(0) if rows > 1 else 0, lse_target,
+        rows, D, n_rest,
+        BLOCK_N=max(triton.next_power_of_2(max(n_rest, 1)), 2),
+        BLOCK_D=min(max(triton.next_power_of_2(max(D, 1)), 16), 256),
+    )
+    if not out.is_contiguous():
+        out.copy_(target.view(out.shape))
+    if not out_lse.is_contiguous():
+        out_lse.copy_(lse_target.view(out_lse.shape))

@@ -1,0 +1,99 @@
+"""Triton kernels against the float64 reference (on CPU under TRITON_INTERPRET=1, set in conftest).
+
+Skipped, with the reason shown, where the triton package is not installed; `make test` installs
+it (the `triton` extra), so CI runs these.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import cpattn
+from cpattn import reference
+from conftest import examples
+from tolerance import assert_close
+
+triton = pytest.importorskip("triton", reason="the triton package is not installed (pip install cpattn[triton])")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+INF, NAN = float("inf"), float("nan")
+
+
+def _backend_ok():
+    from cpattn.backends import get_backend
+
+    return get_backend("triton")
+
+
+@st.composite
+def merge_problems(draw):
+    n = draw(st.integers(1, 5))
+    shape = draw(st.sampled_from([(3, 2), (1, 1), (5, 3), (2, 2, 2), (7,)]))
+    d = draw(st.sampled_from([1, 3, 16, 40, 300]))
+    dtype = draw(st.sampled_from(DTYPES))
+    layout = draw(st.sampled_from(["stacked", "list", "reversed_views"]))
+    poison = draw(st.booleans())
+    seed = draw(st.integers(0, 2**31 - 1))
+    return n, shape, d, dtype, layout, poison, seed
+
+
+@settings(max_examples=examples(25, 400))
+@given(p=merge_problems())
+def test_triton_merge_matches_reference(p):
+    _backend_ok()
+    n, shape, d, dtype, layout, poison, seed = p
+    g = torch.Generator().manual_seed(seed)
+    outs = torch.randn(n, *shape, d, generator=g).to(dtype)
+    lses = torch.randn(n, *shape, generator=g) * 5
+    if poison:  # empty rows of every kind, with garbage under them
+        m = torch.rand(n, *shape, generator=g) < 0.35
+        kinds = torch.tensor([-INF, INF, NAN])[torch.randint(0, 3, (n, *shape), generator=g)]
+        lses = torch.where(m, kinds, lses)
+        outs = outs.masked_fill(m[..., None], NAN)
+    outs, lses = outs.to(DEVICE), lses.to(DEVICE)
+    if layout == "stacked":
+        args = (outs, lses)
+    elif layout == "list":
+        args = ([o.clone() for o in outs], [l.clone() for l in lses])
+    else:  # views of one buffer in decreasing address order
+        args = (list(outs.unbind(0))[::-1], list(lses.unbind(0))[::-1])
+    got = cpattn.merge_attn_states_n(*args, backend="triton")
+    ref = reference.merge_n(list(args[0]), list(args[1]))
+    base = reference.merge_n(list(args[0]), list(args[1]), dtype=dtype)
+    assert not torch.isnan(got[0]).any() and not torch.isnan(got[1]).any()
+    assert_close(got[0].cpu(), ref[0].cpu(), base[0].cpu(), dtype=dtype)
+    assert_close(got[1].cpu(), ref[1].cpu(), base[1].cpu(), dtype=torch.float32, what="lse")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_triton_two_way_in_place_and_identity(dtype):
+    _backend_ok()
+    torch.manual_seed(0)
+    a = torch.randn(6, 4, 24).to(dtype).to(DEVICE)
+    la = torch.randn(6, 4, device=DEVICE)
+    b = torch.randn(6, 4, 24).to(dtype).to(DEVICE)
+    lb = torch.randn(6, 4, device=DEVICE)
+    exp = cpattn.merge_attn_states(a, la, b, lb, backend="pytorch")
+    a2, la2 = a.clone(), la.clone()
+    cpattn.merge_attn_states(a2, la2, b, lb, out=a2, out_lse=la2, backend="triton")
+    assert_close(a2.cpu(), reference.merge(a, la, b, lb)[0].cpu(), exp[0].cpu(), dtype=dtype)
+    e, le = cpattn.lse.empty_state((6, 4), 24, dtype=dtype, device=DEVICE)
+    got = cpattn.merge_attn_states(a, la, e, le, backend="triton")
+    assert torch.equal(got[0], a) and torch.equal(got[1], la)
+    two_empty = cpattn.merge_attn_states(e, le, torch.full_like(a, NAN), torch.full_like(la, INF), backend="triton")
+    assert torch.equal(two_empty[0], torch.zeros_like(a)) and torch.isneginf(two_empty[1]).all()
+
+
+def test_triton_refuses_float64_and_is_not_auto_on_cpu():
+    _backend_ok()
+    a = torch.randn(2, 3, 4, dtype=torch.float64)
+    la = torch.randn(2, 3)
+    with pytest.raises(cpattn.BackendError, match="float64"):
+        cpattn.merge_attn_states(a, la, a, la, backend="triton")
+    if DEVICE == "cpu":
+        from cpattn.backends import select
+
+        inputs = dict(outs=[a.float()], lses=[la], out=a.float(), out_lse=la)
+        assert select("merge", None, inputs).name == "pytorch"
