@@ -12,7 +12,6 @@ PY    := $(VENV)/bin/python
 
 $(VENV)/.installed: setup.py pyproject.toml Makefile
 	python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q -e ".[test,triton]"
 	touch $@
