@@ -13,9 +13,9 @@ every message has one size). The causal mask works on global positions: with the
 partition a block from a lower rank is seen by all of this rank's queries but only through its
 head chunk, and a block from a higher rank only by this rank's tail chunk; the kernel skips
 every (query run, key run) pair the mask hides entirely. Partials are merged with the backend's
-merge kernel in float32: step 0's partial waits for step 1, middle steps accumulate in a
-**float32** accumulator, and the last step merges straight into the output dtype, so the result
-is rounded once and never accumulated in bf16 across steps.
+merge kernel: step 0's partial waits for step 1, middle steps accumulate in a **float32**
+accumulator (float64 for float32/float64 inputs), and the last step merges straight into the
+output dtype, so the result is rounded once and never accumulated in bf16 across steps.
 
 **All-gather**: one all-gather of the packed KV, reordered into global token order, then one
 local masked attention of this rank's queries over the whole prompt. No merge across ranks.
@@ -43,7 +43,7 @@ class PcpTimes:
 
     method: str = ""
     compute_s: float = 0.0  # local attention kernels
-    merge_s: float = 0.0  # merging partials into the float32 accumulator
+    merge_s: float = 0.0  # merging partials (float32 accumulator; float64 for float32 input)
     wait_s: float = 0.0  # ring: waiting for the next block after computing; all-gather: the collective
     pack_s: float = 0.0  # packing K|V, padding, reordering
     total_s: float = 0.0
@@ -86,7 +86,9 @@ def ring_prefill(q, k, v, cu: tuple[int, ...], *, group, causal: bool, scale: fl
     cur = _pack(k, v, tmax)
     ring = comm.RingComm(group) if n > 1 else None
     times.pack_s = time.perf_counter() - start
-    held = []  # partials not merged yet: the first step's, then the float32 accumulator
+    held = []  # partials not merged yet: the first step's, then the accumulator
+    # float32 merging for 16-bit inputs, float64 for float32/float64 (no error visible at their precision)
+    acc_dtype = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else torch.float64
     out = lse = None
     for i in range(n):
         src = (r - i) % n
@@ -102,15 +104,16 @@ def ring_prefill(q, k, v, cu: tuple[int, ...], *, group, causal: bool, scale: fl
             out, lse = o, l
         elif i == 0:
             held = [(o, l)]
-        elif i == n - 1:  # last step: merge straight into the output dtype (float32 math, one rounding)
+        elif i == n - 1:  # last step: merge straight into the output dtype (one rounding)
             out, lse = _empty_like_out(o), torch.empty_like(l)
-            _merge(held + [(o, l)], out, lse, backend)
-        else:  # middle steps: merge into the float32 accumulator
+            _merge(held + [(o, l)], out, lse, backend, acc_dtype)
+        else:  # middle steps: merge into the accumulator
             if i == 1:
-                acc, acc_lse = torch.empty(o.shape, dtype=torch.float32, device=o.device), torch.empty_like(l)
+                acc = torch.empty(o.shape, dtype=acc_dtype, device=o.device)
+                acc_lse = torch.empty(l.shape, dtype=acc_dtype, device=l.device)
             else:
                 acc, acc_lse = held[0]  # in place
-            _merge(held + [(o, l)], acc, acc_lse, backend)
+            _merge(held + [(o, l)], acc, acc_lse, backend, acc_dtype)
             held = [(acc, acc_lse)]
         t2 = time.perf_counter()
         if nxt is not None:
@@ -131,10 +134,11 @@ def _empty_like_out(o: torch.Tensor) -> torch.Tensor:
     return torch.empty(o.shape, dtype=o.dtype, device=o.device)
 
 
-def _merge(partials, out, out_lse, backend) -> None:
+def _merge(partials, out, out_lse, backend, dtype) -> None:
     """Exact merge of ``[(o, l), ...]`` into ``out``/``out_lse`` (may be one of the inputs) with the
-    backend's merge kernel: float32 weights and accumulation whatever the dtypes."""
-    dispatch("merge", backend, outs=[o for o, _ in partials], lses=[l for _, l in partials], out=out, out_lse=out_lse)
+    backend's merge kernel; weights and accumulation in ``dtype`` (float32 or float64)."""
+    dispatch("merge", backend, outs=[o for o, _ in partials], lses=[l.to(dtype) for _, l in partials],
+             out=out, out_lse=out_lse)
 
 
 @lru_cache(maxsize=32)

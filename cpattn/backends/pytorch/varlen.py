@@ -19,9 +19,10 @@ How it stays fast and small:
 * Elsewhere (or with ``USE_ATEN_FLASH = False``) a generic path computes each tile in float32
   (float64 for float64 input) over query-row chunks of at most ``_CHUNK_ELEMS`` scores.
 * A query run covered by one tile is written straight to the output; the partials of one covered
-  by a few tiles are merged once by the chunked merge kernel (float32 weights and accumulation,
-  float64 for float64 input), rounded once to the output dtype; a run with many tiles (scattered
-  positions) streams them into a float32 accumulator instead.
+  by a few tiles are merged once by the chunked merge kernel, rounded once to the output dtype; a
+  run with many tiles (scattered positions) streams them into an accumulator instead. Merging
+  runs in float32 for 16-bit inputs and in float64 for float32/float64 inputs, so it adds no
+  error visible at the input's precision.
 """
 from __future__ import annotations
 
@@ -125,7 +126,7 @@ def _head_major(x: torch.Tensor, width: int) -> torch.Tensor:
     return out
 
 
-def _combine(parts, out, lse, dv: int) -> None:
+def _combine(parts, out, lse, dv: int, merge_dtype: torch.dtype) -> None:
     """Write the exact merge of tile partials ``(row_offset, o, l)`` into ``out``/``lse`` (rows of
     one query run; tile ``i`` covers rows ``[offset_i, end)``), rounding once. Rows before every
     offset saw no key: ``(0, -inf)``."""
@@ -135,11 +136,11 @@ def _combine(parts, out, lse, dv: int) -> None:
         out[: cuts[0]] = 0
         lse[: cuts[0]] = float("-inf")
     for s, e in zip(cuts, cuts[1:]):
-        live = [(o[s - off: e - off, :, :dv], l[s - off: e - off]) for off, o, l in parts if off <= s]
+        live = [(o[s - off: e - off, :, :dv], l[s - off: e - off].to(merge_dtype)) for off, o, l in parts if off <= s]
         if len(live) == 1:
             out[s:e] = live[0][0]
             lse[s:e] = live[0][1]
-        else:  # float32 weights and accumulation (float64 for float64 input), one rounding
+        else:  # weights and accumulation in merge_dtype, one rounding
             _merge_kernel([o for o, _ in live], [l for _, l in live], out[s:e], lse[s:e])
 
 
@@ -202,7 +203,9 @@ def attention(q, k, v, cu_seqlens_q, cu_seqlens_k, q_positions=None, k_positions
     lse = torch.empty(tq, hq, dtype=torch.float32, device=q.device)
     covered: list[list[tuple[int, int]]] = [[] for _ in range(len(cu_q) - 1)]
     flash = USE_ATEN_FLASH and _FLASH is not None and q.device.type == "cpu"
-    acc_dtype = torch.promote_types(q.dtype, torch.float32)  # float32, float64 for float64 input
+    # merging partials: float32 math for 16-bit inputs (rounded to 16 bits after anyway), float64
+    # for float32/float64 inputs, so merging adds no error visible at the input's precision
+    acc_dtype = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else torch.float64
     if flash:
         # Head-major copies, once per call (about 15% faster tiles than strided token-major views);
         # the ATen kernel wants one head size: zero-pad the narrower side (no score or output changes).
@@ -239,9 +242,9 @@ def attention(q, k, v, cu_seqlens_q, cu_seqlens_k, q_positions=None, k_positions
             covered[b].append((r0, r1))
             if len(tiles) <= _MAX_HELD_TILES:  # hold the partials, merge once into the output
                 parts = [(t[0] - r0, *tile(*t)) for t in tiles]
-                _combine(parts, out[r0:r1], lse[r0:r1], dv)
+                _combine(parts, out[r0:r1], lse[r0:r1], dv, acc_dtype)
                 continue
-            acc = torch.zeros(r1 - r0, hq, dv, dtype=acc_dtype, device=q.device)  # stream into float32
+            acc = torch.zeros(r1 - r0, hq, dv, dtype=acc_dtype, device=q.device)  # stream into acc_dtype
             acc_lse = torch.full((r1 - r0, hq), float("-inf"), dtype=acc_dtype, device=q.device)
             for t in tiles:
                 o, l = tile(*t)
