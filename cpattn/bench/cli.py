@@ -14,7 +14,7 @@ import argparse
 import importlib
 import sys
 
-SUBCOMMANDS = ["merge"]
+SUBCOMMANDS = ["merge", "pcp"]
 
 
 def _modules():
