@@ -97,3 +97,78 @@ def test_triton_refuses_float64_and_is_not_auto_on_cpu():
 
         inputs = dict(outs=[a.float()], lses=[la], out=a.float(), out_lse=la)
         assert select("merge", None, inputs).name == "pytorch"
+
+
+# ------------------------------------------------------------------ paged decode (DCP's local kernel)
+
+from _dcp_ranks import run_case  # noqa: E402
+from test_dcp import cases, check_case  # noqa: E402
+
+
+@pytest.mark.distributed
+@settings(max_examples=examples(12, 200))
+@given(p=cases(worlds=(1, 2, 3)))
+def test_dcp_on_triton_kernels_matches_oracle(gloo, p):
+    """The whole DCP op with backend="triton": the paged kernel on every rank and the merge."""
+    _backend_ok()
+    from cpattn import dcp_combine
+
+    combines = list(dcp_combine.allowed(p["heads"]))
+    check_case(p, gloo(p["world"]).run(run_case, {**p, "backend": "triton"}, combines))
+
+
+@settings(max_examples=examples(25, 400))
+@given(seed=st.integers(0, 2**31 - 1), hkv=st.sampled_from([1, 2]), group=st.sampled_from([1, 3, 17]),
+       bs=st.sampled_from([1, 4, 16]), dtype=st.sampled_from(DTYPES), mla=st.booleans())
+def test_paged_kernel_arbitrary_visibility_never_reads_stale_slots(seed, hkv, group, bs, dtype, mla):
+    """Random visible prefixes per query (0 included) over a shuffled cache whose unused slots
+    hold NaN: the Triton kernel matches the float64 reference kernel."""
+    _backend_ok()
+    from cpattn.backends import get_backend
+
+    g = torch.Generator().manual_seed(seed)
+    B, d, dv = 3, 24, 16
+    hkv = 1 if mla else hkv
+    lens = torch.randint(0, 40, (B,), generator=g)
+    nq = torch.randint(1, 4, (B,), generator=g)
+    mb = max(1, int((lens.max() + bs - 1) // bs))
+    nb = B * mb + 2
+    k_cache = torch.full((nb, bs, hkv, d), NAN)
+    v_cache = None if mla else torch.full((nb, bs, hkv, dv), NAN)
+    table = torch.randperm(nb, generator=g)[: B * mb].view(B, mb).to(torch.int32)
+    for b in range(B):
+        n = int(lens[b])
+        rows = torch.randn(n, hkv, d, generator=g)
+        flat = k_cache.view(-1, hkv, d)
+        slots = table[b].long()[torch.arange(n) // bs] * bs + torch.arange(n) % bs
+        flat[slots] = rows
+        if v_cache is not None:
+            v_cache.view(-1, hkv, dv)[slots] = torch.randn(n, hkv, dv, generator=g)
+    qsl = torch.cat([torch.zeros(1, dtype=torch.int64), nq.cumsum(0)]).to(torch.int32)
+    T = int(qsl[-1])
+    req = torch.repeat_interleave(torch.arange(B), nq)
+    vis = (torch.rand(T, generator=g) * (lens[req] + 1).float()).floor().to(torch.int32)
+    q = torch.randn(T, hkv * group, d, generator=g)
+    args = dict(q=q.to(dtype).to(DEVICE), k_cache=k_cache.to(dtype).to(DEVICE),
+                v_cache=None if v_cache is None else v_cache.to(dtype).to(DEVICE),
+                block_table=table.to(DEVICE), query_start_loc=qsl.to(DEVICE), visible_lens=vis.to(DEVICE),
+                scale=0.2, v_head_dim=dv, max_query_len=int(nq.max()), max_kv_len=int(vis.max()))
+    out, lse = get_backend("triton").run("paged_attention", **args)
+    cpu = {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in args.items()}
+    # baseline: the exact answer rounded to the input dtype (stricter than plain-dtype math)
+    ref_o, ref_l = get_backend("reference").run("paged_attention", **cpu)
+    f64 = {**cpu, "q": cpu["q"].double(), "k_cache": cpu["k_cache"].double(),
+           "v_cache": None if cpu["v_cache"] is None else cpu["v_cache"].double()}
+    exact_o, exact_l = _reference_paged_f64(f64)
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any()
+    assert torch.equal(torch.isneginf(lse.cpu()), vis[:, None].expand_as(lse) == 0)
+    assert_close(out.cpu(), exact_o, ref_o, dtype=dtype)
+    assert_close(lse.cpu(), exact_l, ref_l, dtype=torch.float32, what="lse")
+
+
+def _reference_paged_f64(args):
+    """The reference paged kernel on float64 inputs: float64 ``out`` (its LSE comes back float32)."""
+    from cpattn.backends.reference import paged_attention as ref_paged
+
+    o, l = ref_paged(**args)  # float64 inputs: its rounding to q.dtype keeps float64
+    return o, l.double()
