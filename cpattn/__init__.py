@@ -18,7 +18,7 @@ from .dcp import dcp_decode_attention
 from .backends import BackendError, list_backends
 from .merge import merge_attn_states, merge_attn_states_n
 from .partition import pcp_partition, pcp_restore
-from .pcp import pcp_ring_prefill
+from .pcp import PcpContext, pcp_ring_prefill
 
 __version__ = "0.1.0"
 
@@ -31,6 +31,7 @@ __all__ = [
     "lse",
     "merge_attn_states",
     "merge_attn_states_n",
+    "PcpContext",
     "pcp_partition",
     "pcp_restore",
     "pcp_ring_prefill",

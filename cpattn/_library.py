@@ -106,21 +106,26 @@ def _(q, k_cache, v_cache, block_table, seq_lens, query_start_loc, group_name, i
 
 
 # ---------------------------------------------------------------- pcp_ring_prefill (PCP)
-# A ProcessGroup cannot be an op argument: the op takes the group's name ("" = default group).
+# A ProcessGroup cannot be an op argument: the op takes the group's name ("" = default group);
+# the optional cached context (cpattn.PcpContext) travels as its tensors and interleave.
 
 
 @custom_op("cpattn::pcp_ring_prefill", mutates_args=())
 def pcp_ring_prefill(
     q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, group_name: str = "", causal: bool = True,
     scale: Optional[float] = None, method: str = "ring", backend: Optional[str] = None,
+    k_cache: Optional[Tensor] = None, v_cache: Optional[Tensor] = None, block_table: Optional[Tensor] = None,
+    context_lens: Optional[Tensor] = None, interleave: int = 1,
 ) -> tuple[Tensor, Tensor]:
     from . import pcp as _pcp
 
-    return _pcp.run(q, k, v, cu_seqlens, group_name, causal, scale, method, backend)
+    return _pcp.run(q, k, v, cu_seqlens, group_name, causal, scale, method, backend,
+                    k_cache, v_cache, block_table, context_lens, interleave)
 
 
 @register_fake("cpattn::pcp_ring_prefill")
-def _(q, k, v, cu_seqlens, group_name="", causal=True, scale=None, method="ring", backend=None):
+def _(q, k, v, cu_seqlens, group_name="", causal=True, scale=None, method="ring", backend=None,
+      k_cache=None, v_cache=None, block_table=None, context_lens=None, interleave=1):
     from . import pcp as _pcp
 
     return _pcp.empty_outputs(q, v)

@@ -9,11 +9,12 @@ from __future__ import annotations
 import torch
 
 from . import _validate as V
-from . import comm
-from .backends import BackendError, select
+from . import comm, pcp_context
+from .backends import BackendError, dispatch, select
 from .partition import _partition, check_cu_seqlens
+from .pcp_context import PcpContext
 
-__all__ = ["pcp_ring_prefill", "METHODS"]
+__all__ = ["pcp_ring_prefill", "PcpContext", "METHODS"]
 
 OP = "pcp_ring_prefill"
 METHODS = ("ring", "allgather")
@@ -31,6 +32,7 @@ def pcp_ring_prefill(
     method: str = "ring",
     return_lse: bool = False,
     backend: str | None = None,
+    context: PcpContext | None = None,
 ):
     """Attention of this rank's prompt tokens over the whole prompt, the prompt spread over ``group``.
 
@@ -55,18 +57,26 @@ def pcp_ring_prefill(
             KV, then local masked attention; KV memory of the whole prompt).
         return_lse: also return the LSE.
         backend: local kernel backend (``"pytorch"``, ``"reference"``) or None (automatic).
+        context: optional :class:`cpattn.PcpContext`, this rank's DCP-layout paged cache of the
+            tokens cached before each request's prompt (prefix caching, chunked prefill). Request
+            ``b``'s prompt then sits at global positions ``context_lens[b] + p`` and every prompt
+            query also sees all ``context_lens[b]`` cached tokens; the context part runs through
+            :func:`cpattn.dcp_decode_attention` and is merged with the prompt part
+            (``docs/pcp.md``). float32/bfloat16/float16 only (the DCP op's dtypes).
 
     Returns:
         ``out [Tr, Hq, Dv]`` in q's dtype, this rank's rows of attention over the whole prompt
         (gather them with :func:`cpattn.pcp_restore`); with ``return_lse``, also
         ``lse [Tr, Hq]``: float32, natural log, token-major, ``log sum_k exp(scale * q.k)`` over
-        every key the row sees (cpattn's LSE contract, :mod:`cpattn.lse`; every row sees at least
-        itself when causal, so it is finite; a zero-length batch gives empty tensors).
+        every key the row sees, cached context included (cpattn's LSE contract, :mod:`cpattn.lse`;
+        every row sees at least itself when causal, so it is finite; a zero-length batch gives
+        empty tensors).
 
     Raises:
         TypeError / ValueError naming the argument, on **every** rank of the group, when any
         rank's input is bad or ranks disagree (cu_seqlens, dtype, head counts, head dims,
-        causal, scale, method, backend): :class:`cpattn.comm.CollectiveInputError` on the ranks
+        causal, scale, method, backend, context lengths and interleave):
+        :class:`cpattn.comm.CollectiveInputError` on the ranks
         whose own input was fine. Row counts that do not match this rank's share (for example a
         batch partitioned for another group size) are refused the same way. Nothing is
         written; no collective is left waiting.
@@ -88,11 +98,21 @@ def pcp_ring_prefill(
             raise ValueError(f"{OP}: method must be one of {METHODS}; got {method!r}")
         if backend is not None and not isinstance(backend, str):
             raise TypeError(f"{OP}: backend must be a str or None; got {type(backend).__name__}")
+        if context is not None:
+            if not isinstance(context, PcpContext):
+                raise TypeError(f"{OP}: context must be a cpattn.PcpContext or None; got {type(context).__name__}")
+            for name in ("k_cache", "block_table", "context_lens"):
+                V.tensor(OP, f"context.{name}", getattr(context, name))
+            if context.v_cache is not None:
+                V.tensor(OP, "context.v_cache", context.v_cache)
+            V.positive_int(OP, "context.interleave", context.interleave)
     except (TypeError, ValueError) as exc:
-        comm.agree(OP, exc, agreed_fields(q, k, v, cu_seqlens, causal, scale, method, backend), group)
+        comm.agree(OP, exc, agreed_fields(q, k, v, cu_seqlens, causal, scale, method, backend, context), group)
         raise  # unreachable: agree re-raises
+    c = context
     out, lse = torch.ops.cpattn.pcp_ring_prefill(
-        q, k, v, cu_seqlens, comm.group_name(group), causal, None if scale is None else float(scale), method, backend
+        q, k, v, cu_seqlens, comm.group_name(group), causal, None if scale is None else float(scale), method, backend,
+        *((None, None, None, None, 1) if c is None else (c.k_cache, c.v_cache, c.block_table, c.context_lens, c.interleave)),
     )
     return (out, lse) if return_lse else out
 
@@ -104,9 +124,10 @@ def _safe(fn):
         return "?"
 
 
-def agreed_fields(q, k, v, cu_seqlens, causal, scale, method, backend) -> dict:
+def agreed_fields(q, k, v, cu_seqlens, causal, scale, method, backend, context) -> dict:
     """What every rank must agree on; the same keys whatever the input (agree is a collective)."""
     return {
+        **pcp_context.fields(context),
         "cu_seqlens": _safe(lambda: tuple(int(x) for x in cu_seqlens.tolist())),
         "causal": _safe(lambda: bool(causal)),
         "scale": _safe(lambda: None if scale is None else float(scale)),
@@ -145,25 +166,42 @@ def validate_local(q, k, v, cu_seqlens, n: int, r: int, method: str) -> tuple[in
     return vals
 
 
-def run(q, k, v, cu_seqlens, group_name: str, causal: bool, scale, method: str, backend):
-    """The op's implementation: validate, agree across ranks, then run the chosen method."""
+def run(q, k, v, cu_seqlens, group_name: str, causal: bool, scale, method: str, backend,
+        k_cache=None, v_cache=None, block_table=None, context_lens=None, interleave: int = 1):
+    """The op's implementation: validate, agree across ranks, then run the chosen method (and the
+    cached-context part, merged in)."""
     from . import ring
 
     group = comm.resolve_group(group_name)
     n, r = comm.world_size(group), comm.rank(group)
-    error, vals = None, None
+    context = None
+    if block_table is not None or context_lens is not None or k_cache is not None:
+        context = PcpContext(k_cache, v_cache, block_table, context_lens, interleave)
+    error, vals, ctx_lens = None, None, None
     try:
         vals = validate_local(q, k, v, cu_seqlens, n, r, method)
+        if context is not None:
+            ctx_lens = pcp_context.validate(OP, context, q, k, v, len(vals) - 1)
         scale_v = V.scale_value(OP, scale, q.shape[2])
         select("attention", backend, dict(q=q, k=k, v=v, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens,
                                           causal=causal, scale=scale_v))
     except (TypeError, ValueError, BackendError) as exc:
         error = exc
-    comm.agree(OP, error, agreed_fields(q, k, v, cu_seqlens, causal, scale, method, backend), group)
+    comm.agree(OP, error, agreed_fields(q, k, v, cu_seqlens, causal, scale, method, backend, context), group)
     if vals[-1] == 0:
         return empty_outputs(q, v)
+    ctx_part = None
+    if context is not None and any(ctx_lens):  # first: a bad cache raises (on every rank) before the ring
+        parts = [_partition(vals, n, s) for s in range(n)]
+        ctx_part = pcp_context.context_attention(q, context, ctx_lens, vals, parts, group=group, scale=scale_v,
+                                                 dv=v.shape[2], backend=backend)
     fn = ring.ring_prefill if method == "ring" else ring.allgather_prefill
-    return fn(q, k, v, vals, group=group, causal=causal, scale=scale_v, backend=backend)
+    out, lse = fn(q, k, v, vals, group=group, causal=causal, scale=scale_v, backend=backend)
+    if ctx_part is None:
+        return out, lse
+    merged, merged_lse = empty_outputs(q, v)  # float32 weights and accumulation, one rounding
+    dispatch("merge", backend, outs=[out, ctx_part[0]], lses=[lse, ctx_part[1]], out=merged, out_lse=merged_lse)
+    return merged, merged_lse
 
 
 def empty_outputs(q, v) -> tuple[torch.Tensor, torch.Tensor]:

@@ -81,3 +81,72 @@ def bad_input(kind: str, method: str):
         v = v[:-1]
     cpattn.pcp_ring_prefill(q, k, v, cu, group=None, causal=True, method=method)
     return "no error"
+
+
+def make_context_batch(seed, lens, ctx_lens, hq, hkv, dqk, dv, dtype, mla=False):
+    """Prompt batch (as :func:`make_batch`) plus each request's cached context ``kc [sum C, Hkv, Dqk]``,
+    ``vc [sum C, Hkv, Dv]`` (None with ``mla``: V is then the first ``dv`` channels of K)."""
+    q, k, v, cu = make_batch(seed, lens, hq, hkv, dqk, dv, dtype)
+    g = torch.Generator().manual_seed(seed + 7)
+    kc = torch.randn(sum(ctx_lens), hkv, dqk, generator=g).to(dtype)
+    vc = None if mla else torch.randn(sum(ctx_lens), hkv, dv, generator=g).to(dtype)
+    return q, k, v, cu, kc, vc
+
+
+def context_oracle_inputs(seed, lens, ctx_lens, hq, hkv, dqk, dv, dtype, mla=False):
+    """``(q, k_full, v_full, cu_q, cu_k)``: each request's cached keys followed by its prompt's."""
+    q, k, v, cu, kc, vc = make_context_batch(seed, lens, ctx_lens, hq, hkv, dqk, dv, dtype, mla)
+    vc = kc[..., :dv] if vc is None else vc
+    ks, vs, cuk, c0 = [], [], [0], 0
+    for b, (L, C) in enumerate(zip(lens, ctx_lens)):
+        p0 = int(cu[b])
+        ks += [kc[c0:c0 + C], k[p0:p0 + L]]
+        vs += [vc[c0:c0 + C], v[p0:p0 + L]]
+        cuk.append(cuk[-1] + C + L)
+        c0 += C
+    return q, torch.cat(ks), torch.cat(vs), cu, torch.tensor(cuk)
+
+
+def prefill_with_context(seed, lens, ctx_lens, hq, hkv, dqk, dv, dtype, causal, method, block_size, interleave,
+                         mla=False):
+    """This rank's ``(index, out, lse)`` with the context sharded in the DCP layout over the group
+    (spare cache blocks NaN, block ids shuffled: reading outside a request's blocks would show)."""
+    from cpattn import layout
+
+    q, k, v, cu, kc, vc = make_context_batch(seed, lens, ctx_lens, hq, hkv, dqk, dv, dtype, mla)
+    shards = layout.shard_kv(kc, vc, torch.tensor(ctx_lens, dtype=torch.int32), world_size=G.WORLD,
+                             block_size=block_size, interleave=interleave, spare_blocks=1,
+                             generator=torch.Generator().manual_seed(seed), fill=float("nan"))
+    sh = shards[G.RANK]
+    ctx = cpattn.PcpContext(sh.k_cache, sh.v_cache, sh.block_table, torch.tensor(ctx_lens, dtype=torch.int32),
+                            interleave)
+    i = cpattn.pcp_partition(cu, G.WORLD, G.RANK).index
+    out, lse = cpattn.pcp_ring_prefill(q[i], k[i], v[i], cu, group=None, causal=causal, method=method,
+                                       return_lse=True, context=ctx)
+    return i, out, lse
+
+
+def bad_context(kind: str):
+    """Cached-context input spoiled on rank 1 (``kind``); every rank must raise."""
+    from cpattn import layout
+
+    lens, ctx_lens = [20, 9], [17, 4]
+    q, k, v, cu, kc, vc = make_context_batch(3, lens, ctx_lens, 4, 2, 16, 16, torch.float32)
+    sh = layout.shard_kv(kc, vc, torch.tensor(ctx_lens), world_size=G.WORLD, block_size=4, interleave=1)[G.RANK]
+    kcache, vcache, table, cl, il = sh.k_cache, sh.v_cache, sh.block_table, torch.tensor(ctx_lens), 1
+    if G.RANK == 1:
+        if kind == "ctx_lens_differ":
+            cl = torch.tensor([17, 5])
+        elif kind == "cache_dtype":
+            kcache = kcache.double()
+        elif kind == "cache_heads":
+            kcache = kcache[:, :, :1]
+        elif kind == "table_rows":
+            table = table[:1]
+        elif kind == "interleave":  # 3 does not divide the block size (4): the DCP op refuses it
+            il = 3
+    if kind == "interleave":
+        il = 3
+    i = cpattn.pcp_partition(cu, G.WORLD, G.RANK).index
+    cpattn.pcp_ring_prefill(q[i], k[i], v[i], cu, group=None, context=cpattn.PcpContext(kcache, vcache, table, cl, il))
+    return "no error"

@@ -157,3 +157,65 @@ def test_opcheck_world_one():
     q, k, v, cu = pcp_ranks.make_batch(6, [9, 4], 4, 2, 16, 8, torch.float32)
     torch.library.opcheck(torch.ops.cpattn.pcp_ring_prefill, (q, k, v, cu, "", True, None, "ring", None))
     torch.library.opcheck(torch.ops.cpattn.pcp_ring_prefill, (q, k, v, cu, "", False, 0.5, "allgather", None))
+
+
+@st.composite
+def context_batches(draw):
+    n = draw(st.integers(1, 4))
+    b = draw(st.integers(1, 4))
+    lens = draw(st.lists(st.one_of(st.integers(1, 120), st.just(1)), min_size=b, max_size=b))
+    # 0 (no cache), short, or a long context with only a few new tokens
+    ctx = draw(st.lists(st.one_of(st.just(0), st.integers(1, 60), st.integers(200, 400)), min_size=b, max_size=b))
+    bs, il = draw(st.sampled_from([(4, 1), (8, 2), (8, 8), (16, 1)]))
+    mla = draw(st.booleans())
+    hkv, g = (1, 4) if mla else (draw(st.sampled_from([1, 2])), draw(st.sampled_from([1, 2])))
+    dqk, dv = (24, 16) if mla else draw(st.sampled_from([(16, 16), (16, 24)]))
+    dtype = draw(st.sampled_from(sorted(DTYPES)))
+    return n, lens, ctx, hkv * g, hkv, dqk, dv, dtype, draw(st.booleans()), bs, il, mla, draw(st.integers(0, 9999))
+
+
+@settings(max_examples=examples(16, 200))
+@given(case=context_batches())
+def test_cached_context_matches_oracle(gloo, case):
+    """Prompt tokens also see every cached token of their request (DCP layout over the same group)."""
+    n, lens, ctx, hq, hkv, dqk, dv, dname, causal, bs, il, mla, seed = case
+    dtype = DTYPES[dname]
+    q, kf, vf, cuq, cuk = pcp_ranks.context_oracle_inputs(seed, lens, ctx, hq, hkv, dqk, dv, dtype, mla)
+    kw = dict(cu_seqlens_q=cuq, cu_seqlens_k=cuk, causal=causal)  # bottom-right: prompt after its context
+    ro, rl = reference.attention(q, kf, vf, **kw)
+    bo, bl = reference.attention(q, kf, vf, **kw, dtype=dtype)
+    for method in ("ring", "allgather"):
+        res = gloo(n).run(pcp_ranks.prefill_with_context, seed, lens, ctx, hq, hkv, dqk, dv, dtype, causal,
+                          method, bs, il, mla)
+        check_rows(res, (ro, rl, bo.to(dtype), bl), dtype, f"{method} with context")
+
+
+@pytest.mark.parametrize("kind", ["ctx_lens_differ", "cache_dtype", "cache_heads", "table_rows", "interleave"])
+def test_bad_context_raises_on_every_rank(gloo, kind):
+    outcomes = gloo(3).run_outcomes(pcp_ranks.bad_context, kind, timeout=60)
+    assert not any(o.ok for o in outcomes), [o.value for o in outcomes]
+    words = {"ctx_lens_differ": "context_lens", "cache_dtype": "k_cache", "cache_heads": "k_cache",
+             "table_rows": "block_table", "interleave": "interleave"}[kind]
+    for o in outcomes:
+        assert o.error_type in ("ValueError", "TypeError", "CollectiveInputError"), o
+        assert words in o.message, o.message
+
+
+def test_context_type_errors_world_one():
+    q, k, v, cu = pcp_ranks.make_batch(4, [6], 2, 1, 16, 16, torch.float32)
+    with pytest.raises(TypeError, match="context"):
+        cpattn.pcp_ring_prefill(q, k, v, cu, group=None, context=(1, 2))
+    ctx = cpattn.PcpContext(torch.zeros(2, 4, 1, 16), None, torch.zeros(1, 2, dtype=torch.int32),
+                            torch.tensor([3]), 0)
+    with pytest.raises(ValueError, match="interleave"):
+        cpattn.pcp_ring_prefill(q, k, v, cu, group=None, context=ctx)
+
+
+def test_opcheck_with_context_world_one():
+    from cpattn import layout
+
+    q, k, v, cu, kc, vc = pcp_ranks.make_context_batch(8, [5, 3], [6, 0], 4, 2, 16, 16, torch.float32)
+    sh = layout.shard_kv(kc, vc, torch.tensor([6, 0]), world_size=1, block_size=4)[0]
+    args = (q, k, v, cu, "", True, None, "ring", None, sh.k_cache, sh.v_cache, sh.block_table,
+            torch.tensor([6, 0]), 1)
+    torch.library.opcheck(torch.ops.cpattn.pcp_ring_prefill, args)
