@@ -64,6 +64,12 @@ def _pack(k: torch.Tensor, v: torch.Tensor, rows: int) -> torch.Tensor:
     return kv
 
 
+def _head_major_view(q: torch.Tensor) -> torch.Tensor:
+    """The same ``[Tr, Hq, D]`` values as a view of a head-major buffer: the CPU kernel works on
+    head-major tiles, and would otherwise copy ``q`` again at every ring step."""
+    return q.transpose(0, 1).contiguous().transpose(0, 1)
+
+
 def _kernel(q, kv, dqk, qpart, kcu, kpos, causal, scale, backend):
     return dispatch(
         "attention", backend, q=q, k=kv[..., :dqk], v=kv[..., dqk:],
@@ -84,6 +90,7 @@ def ring_prefill(q, k, v, cu: tuple[int, ...], *, group, causal: bool, scale: fl
     dqk = k.shape[-1]
     tmax = max(p.num_tokens for p in parts)
     cur = _pack(k, v, tmax)
+    q = _head_major_view(q) if n > 1 else q
     ring = comm.RingComm(group) if n > 1 else None
     times.pack_s = time.perf_counter() - start
     held = []  # partials not merged yet: the first step's, then the accumulator
