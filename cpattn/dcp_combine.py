@@ -41,8 +41,9 @@ __all__ = ["STRATEGIES", "DEFAULT", "allowed", "combine", "count_bytes", "CommRe
 
 STRATEGIES = ("all_gather", "lse_reduce", "all_to_all")
 _ALLOWED = {"replicated": ("all_gather", "lse_reduce"), "sharded": ("all_gather", "lse_reduce", "all_to_all")}
-#: Default strategy per head mode (the fastest in docs/performance.md's DCP measurements).
-DEFAULT = {"replicated": "lse_reduce", "sharded": "all_to_all"}
+#: Default strategy per head mode: the fastest in docs/performance.md's DCP measurements (one
+#: collective beats two while latency dominates, as it does at decode batch sizes).
+DEFAULT = {"replicated": "all_gather", "sharded": "all_to_all"}
 
 
 def allowed(heads: str) -> tuple[str, ...]:

@@ -14,7 +14,7 @@ import argparse
 import importlib
 import sys
 
-SUBCOMMANDS = ["merge", "pcp"]
+SUBCOMMANDS = ["merge", "pcp", "dcp"]
 
 
 def _modules():
