@@ -22,6 +22,7 @@ import triton  # noqa: F401  (ImportError -> "not importable" in the registry)
 from ..registry import Backend
 from . import merge as _merge
 from . import paged as _paged
+from . import varlen as _varlen
 
 INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -44,3 +45,4 @@ def _check_merge(outs, lses, out, out_lse) -> list[str]:
 
 BACKEND.kernel("merge", check=_check_merge)(_merge.merge)
 BACKEND.kernel("paged_attention", check=_paged.check)(_paged.paged_attention)
+BACKEND.kernel("attention", check=_varlen.check)(_varlen.attention)

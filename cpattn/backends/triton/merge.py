@@ -1,7 +1,7 @@
 """N-way LSE merge as one Triton kernel (CUDA; Ascend through triton-ascend; CPU interpreter).
 
 Written to the portable subset that triton-ascend (Triton 3.2 based) accepts: plain pointers and
-masks, a 1-D grid of at most 65535 programs with a persistent loop over rows, float32 math
+masks, a 1-D grid of at most 65535 programs with a persistent loop over tiles of 16 rows, float32 math
 right after each load, no autotuning at import, no ``num_warps``/``num_stages`` reliance, and
 64-bit offsets computed once per row, outside the inner loops.
 
@@ -34,40 +34,46 @@ def _merge_kernel(
     lse_first_ptr, lse_rest_ptr, lse_stride_n, lse_stride_row,
     out_ptr, out_stride_row, out_lse_ptr,
     rows, D, N_REST,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
-    n_offs = tl.arange(0, BLOCK_N)
+    r_offs = tl.arange(0, BLOCK_R)
     d_offs = tl.arange(0, BLOCK_D)
-    for row in range(pid, rows, nprog):
-        r64 = tl.cast(row, tl.int64)
-        l0 = _clean(tl.load(lse_first_ptr + r64 * lse_stride_row).to(tl.float32))
-        lr = tl.load(lse_rest_ptr + r64 * lse_stride_row + n_offs.to(tl.int64) * lse_stride_n,
-                     mask=n_offs < N_REST, other=float("-inf")).to(tl.float32)
-        lr = _clean(lr)
-        m = tl.maximum(l0, tl.max(lr, axis=0))
+    for tile in range(pid, tl.cdiv(rows, BLOCK_R), nprog):
+        r = tile * BLOCK_R + r_offs
+        rm = r < rows
+        r64 = r.to(tl.int64)
+        lse_row = r64 * lse_stride_row
+        l0 = _clean(tl.load(lse_first_ptr + lse_row, mask=rm, other=float("-inf")).to(tl.float32))
+        m = l0
+        for i in range(0, N_REST):
+            li = _clean(tl.load(lse_rest_ptr + i * lse_stride_n + lse_row, mask=rm, other=float("-inf")).to(tl.float32))
+            m = tl.maximum(m, li)
         m = tl.where(m == float("-inf"), 0.0, m)
-        w0 = tl.exp(l0 - m)
-        wr = tl.exp(lr - m)
-        total = w0 + tl.sum(wr, axis=0)
+        total = tl.exp(l0 - m)
+        for i in range(0, N_REST):
+            li = _clean(tl.load(lse_rest_ptr + i * lse_stride_n + lse_row, mask=rm, other=float("-inf")).to(tl.float32))
+            total += tl.exp(li - m)
         inv = tl.where(total > 0, 1.0 / tl.where(total > 0, total, 1.0), 0.0)
-        tl.store(out_lse_ptr + r64, m + tl.log(total))
-        f0 = w0 * inv
-        src0 = first_ptr + r64 * stride_row
-        dst = out_ptr + r64 * out_stride_row
-        rest_row = rest_ptr + r64 * stride_row
-        # An input of weight 0 reads nothing: its bound is 0 instead of D.
+        tl.store(out_lse_ptr + r64, m + tl.log(total), mask=rm)
+        f0 = tl.exp(l0 - m) * inv
+        # An input of weight 0 (empty, or a padding row) reads nothing: its bound is 0, not D.
         lim0 = tl.where(f0 > 0, D, 0)
+        src0 = first_ptr + r64 * stride_row
+        rest_rows = rest_ptr + r64 * stride_row
+        dst = out_ptr + r64 * out_stride_row
         for d0 in range(0, D, BLOCK_D):
             d = d0 + d_offs
-            acc = tl.load(src0 + d, mask=d < lim0, other=0.0).to(tl.float32) * f0
+            acc = tl.load(src0[:, None] + d[None, :], mask=d[None, :] < lim0[:, None], other=0.0).to(tl.float32)
+            acc = acc * f0[:, None]
             for i in range(0, N_REST):
-                li = _clean(tl.load(lse_rest_ptr + r64 * lse_stride_row + i * lse_stride_n).to(tl.float32))
+                li = _clean(tl.load(lse_rest_ptr + i * lse_stride_n + lse_row, mask=rm, other=float("-inf")).to(tl.float32))
                 fi = tl.exp(li - m) * inv
-                x = tl.load(rest_row + i * stride_n + d, mask=d < tl.where(fi > 0, D, 0), other=0.0).to(tl.float32)
-                acc += x * fi
-            tl.store(dst + d, acc.to(out_ptr.dtype.element_ty), mask=d < D)
+                lim = tl.where(fi > 0, D, 0)
+                x = tl.load(rest_rows[:, None] + i * stride_n + d[None, :], mask=d[None, :] < lim[:, None], other=0.0)
+                acc += x.to(tl.float32) * fi[:, None]
+            tl.store(dst[:, None] + d[None, :], acc.to(out_ptr.dtype.element_ty), mask=rm[:, None] & (d[None, :] < D))
 
 
 def _rows(t: torch.Tensor, rows: int, D: int) -> torch.Tensor:
@@ -104,14 +110,14 @@ def merge(outs: list[torch.Tensor], lses: list[torch.Tensor], out: torch.Tensor,
                                                                                 device=out.device)
     first, rest, stride_n, n_rest = _as_first_rest(outs, rows, max(D, 1))
     lfirst, lrest, lstride_n, _ = _as_first_rest([l.unsqueeze(-1) for l in lses], rows, 1)
-    grid = (min(rows, MAX_PROGRAMS),)
+    block_r = 16
+    grid = (min(triton.cdiv(rows, block_r), MAX_PROGRAMS),)
     _merge_kernel[grid](
         first, rest, stride_n, first.stride(0) if rows > 1 else 0,
         lfirst, lrest, lstride_n, lfirst.stride(0) if rows > 1 else 0,
         target, target.stride(0) if rows > 1 else 0, lse_target,
         rows, D, n_rest,
-        BLOCK_N=max(triton.next_power_of_2(max(n_rest, 1)), 2),
-        BLOCK_D=min(max(triton.next_power_of_2(max(D, 1)), 16), 256),
+        BLOCK_R=block_r, BLOCK_D=min(max(triton.next_power_of_2(max(D, 1)), 16), 128),
     )
     if not out.is_contiguous():
         out.copy_(target.view(out.shape))
