@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .softmax import finish, online_step
+
 MAX_PROGRAMS = 65535
 _BIG = tl.constexpr(2**30)
 
@@ -82,20 +84,11 @@ def _varlen_kernel(
                 if CAUSAL:
                     keep = keep & (kp[None, :] <= qp[:, None])
                 s = tl.where(keep, s * scale, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(s, axis=1))
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                alpha = tl.exp(m_i - m_safe)
-                p = tl.exp(s - m_safe[:, None])
-                l_i = l_i * alpha + tl.sum(p, axis=1)
                 v_rows = v_ptr + cols64 * sv_t + hk * sv_h
                 vt = tl.load(v_rows[:, None] + dv_offs[None, :], mask=cmask[:, None] & (dv_offs[None, :] < DV),
                              other=0.0)
-                acc = acc * alpha[:, None] + tl.dot(p, vt.to(tl.float32), input_precision="ieee")
-                m_i = m_new
-        seen = l_i > 0
-        denom = tl.where(seen, l_i, 1.0)
-        o = acc / denom[:, None]
-        lse = tl.where(seen, m_i + tl.log(denom), float("-inf"))
+                m_i, l_i, acc = online_step(m_i, l_i, acc, s, vt.to(tl.float32))
+        o, lse = finish(m_i, l_i, acc)
         o_rows = out_ptr + rows64 * so_t + hq * so_h
         tl.store(o_rows[:, None] + dv_offs[None, :], o.to(out_ptr.dtype.element_ty),
                  mask=rmask[:, None] & (dv_offs[None, :] < DV))

@@ -1,0 +1,26 @@
+"""Online-softmax pieces shared by the Triton attention kernels (float32 throughout)."""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def online_step(m_i, l_i, acc, s, v_tile):
+    """Fold one tile of masked scores ``s [M, N]`` (``-inf`` where hidden) and its values
+    ``v_tile [N, DV]`` (float32) into the running ``(max, sum, acc)`` of each row."""
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp(m_i - m_safe)
+    p = tl.exp(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p, v_tile, input_precision="ieee")
+    return m_new, l_i, acc
+
+
+@triton.jit
+def finish(m_i, l_i, acc):
+    """``(out, lse)`` of each row; a row that saw no key gives ``(0, -inf)``."""
+    seen = l_i > 0
+    denom = tl.where(seen, l_i, 1.0)
+    return acc / denom[:, None], tl.where(seen, m_i + tl.log(denom), float("-inf"))
