@@ -4,9 +4,11 @@ Every configuration runs in real gloo rank processes with one thread each (``--t
 "1 rank" and "N ranks" use the same kernel and the same process setup; N ranks have N times the
 cores. The time of one prefill is the slowest rank's, measured between two barriers; the median
 over ``--iters`` runs is reported. Speedup = time(1 rank) / time(N ranks); parallel efficiency =
-speedup / N. Per-rank breakdown (from :data:`cpattn.ring.last_times`, slowest rank): local
-attention compute, waiting (ring: for the next block after computing; all-gather: the
-collective), merging partials, packing/reordering KV.
+speedup / N. Per-rank breakdown of the last timed call (from :data:`cpattn.ring.last_times`, the
+slowest rank): local attention compute, waiting (ring: for the next block after computing;
+all-gather: the collective), merging partials, packing/reordering KV, and ``other`` (the rest of
+the call: input checks, the cross-rank agreement, op dispatch). ``rank_compute_spread`` is
+(max - min) / max of the ranks' compute times: the load balance.
 
 Published anchors for the efficiency column: ring-flash-attention zigzag forward 85% of ideal on
 8 H800 (plain ring 52%); the seed guide's PCP2 on DeepSeek-R1 at 128k input: 1.59x (73.2 s to
@@ -22,7 +24,7 @@ from ..testing.gloo import GlooWorld
 from .common import DTYPES, print_table, write_json
 
 COLUMNS = ["shape", "method", "ranks", "median_s", "speedup", "efficiency", "compute_s", "wait_s", "merge_s",
-           "pack_s", "rank_compute_spread", "check"]
+           "pack_s", "other_s", "rank_compute_spread", "check"]
 ANCHORS = "anchors: ring-flash-attention zigzag fwd 85% of ideal on 8 GPUs (plain ring 52%); seed guide PCP2 1.59x at 128k"
 
 
@@ -68,8 +70,9 @@ def rank_prefill(length, hq, hkv, dqk, dv, dtype_name, method, iters, warmup, ch
         base, _ = reference.attention(qf[i], kf, vf, cu_seqlens_q=torch.tensor([0, len(i)]), cu_seqlens_k=cu,
                                       causal=True, q_positions=part.positions, dtype=dtype)
         err = ((out.double() - ref).abs().max().item(), (base.to(dtype).double() - ref).abs().max().item())
+    other = times[-1] - (lt.compute_s + lt.wait_s + lt.merge_s + lt.pack_s)  # checks, agree, dispatch
     return {"times": times, "compute_s": lt.compute_s, "wait_s": lt.wait_s, "merge_s": lt.merge_s,
-            "pack_s": lt.pack_s, "err": err}
+            "pack_s": lt.pack_s, "other_s": other, "err": err}
 
 
 def _median(xs):
@@ -87,7 +90,7 @@ def measure(world: GlooWorld, shape, method, iters, warmup, check, timeout=900.0
     row = {"shape": f"L={length} Hq={hq} Hkv={hkv} D={dqk}/{dv} {dtype_name}", "method": method,
            "ranks": world.world_size, "median_s": _median(per_iter), "times": per_iter,
            "compute_s": slow["compute_s"], "wait_s": slow["wait_s"], "merge_s": slow["merge_s"],
-           "pack_s": slow["pack_s"], "rank_compute_spread": (max(comp) - min(comp)) / max(max(comp), 1e-12)}
+           "pack_s": slow["pack_s"], "other_s": slow["other_s"], "rank_compute_spread": (max(comp) - min(comp)) / max(max(comp), 1e-12)}
     if check:
         ok = all(r["err"][0] <= 2 * max(r["err"][1], torch.finfo(DTYPES[dtype_name]).eps) for r in res)
         row["check"] = f"{'ok' if ok else 'FAIL'} ({max(r['err'][0] for r in res):.1e})"

@@ -12,7 +12,8 @@ How it stays fast and small:
   triangle aligned at its top-left corner). Keys after the run's last query are never touched,
   so blocks the causal mask hides entirely cost nothing.
 * On CPU each tile runs in ATen's flash-attention kernel
-  (``_scaled_dot_product_flash_attention_for_cpu``, on head-major copies made once per call):
+  (``_scaled_dot_product_flash_attention_for_cpu``, on head-major copies made once per call;
+  float32 input computed in float64, see ``_FLASH_DTYPE``):
   blocked matmuls, vectorised exp, online softmax in float32, masked blocks of the triangle
   skipped, GQA without repeating KV heads, and it returns the LSE. ``Dqk != Dv`` is handled by
   zero-padding the narrower side once per call (zeros change no score and no output).
@@ -36,6 +37,10 @@ USE_ATEN_FLASH = True
 _MAX_HELD_TILES = 4  # a query run with more tiles streams them into a float32 accumulator
 _CHUNK_ELEMS = 1 << 22  # generic path: at most 4M scores (16 MiB float32) per chunk
 _FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+# float32 input runs the ATen kernel in float64: its float32 online softmax errs 2-3 ulps, more
+# than plain float32 PyTorch (the accuracy bar: tests/tolerance.py); float64 costs about 2x.
+# 16-bit inputs run natively (float32 accumulation inside, far below their rounding error).
+_FLASH_DTYPE = {torch.float32: torch.float64}
 
 
 def check(q, k, v, cu_seqlens_q, cu_seqlens_k, q_positions=None, k_positions=None, causal=False, scale=None):
@@ -117,11 +122,11 @@ def _tile_generic(q, k, v, triangle: bool, scale: float):
     return out, lse
 
 
-def _head_major(x: torch.Tensor, width: int) -> torch.Tensor:
-    """``[T, H, d]`` -> contiguous ``[H, T, width]`` (zero-padded channels past ``d``)."""
+def _head_major(x: torch.Tensor, width: int, dtype: torch.dtype) -> torch.Tensor:
+    """``[T, H, d]`` -> contiguous ``[H, T, width]`` in ``dtype`` (zero-padded channels past ``d``)."""
     if x.shape[-1] == width:
-        return x.transpose(0, 1).contiguous()
-    out = x.new_zeros(x.shape[1], x.shape[0], width)
+        return x.transpose(0, 1).to(dtype).contiguous()
+    out = x.new_zeros(x.shape[1], x.shape[0], width, dtype=dtype)
     out[..., : x.shape[-1]] = x.transpose(0, 1)
     return out
 
@@ -210,7 +215,7 @@ def attention(q, k, v, cu_seqlens_q, cu_seqlens_k, q_positions=None, k_positions
         # Head-major copies, once per call (about 15% faster tiles than strided token-major views);
         # the ATen kernel wants one head size: zero-pad the narrower side (no score or output changes).
         width = max(dqk, dv)
-        qh, kh, vh = (_head_major(x, width) for x in (q, k, v))
+        qh, kh, vh = (_head_major(x, width, _FLASH_DTYPE.get(q.dtype, q.dtype)) for x in (q, k, v))
 
         def tile(a, b, c, d, triangle):
             return _tile_flash(qh[:, a:b], kh[:, c:d], vh[:, c:d], triangle, scale)
