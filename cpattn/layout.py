@@ -22,6 +22,8 @@ blocks (with ``I == block_size`` whole blocks live on one rank and can be moved 
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 __all__ = [
@@ -150,21 +152,15 @@ def slot_mapping(
     return torch.where(mine, slots, torch.full_like(slots, -1))
 
 
-class ShardedCache(tuple):
-    """``(k_cache, v_cache, block_table, seq_lens)`` of one rank (v_cache None for MLA):
-    ``k_cache [num_blocks, block_size, Hkv, Dqk]``, ``v_cache [num_blocks, block_size, Hkv, Dv]``,
-    ``block_table [B, max_blocks]`` int32, ``seq_lens [B]`` int32 LOCAL lengths (the op takes
-    the global ones)."""
+class ShardedCache(NamedTuple):
+    """One rank's cache: ``k_cache [num_blocks, block_size, Hkv, Dqk]``, ``v_cache
+    [num_blocks, block_size, Hkv, Dv]`` (None for MLA), ``block_table [B, max_blocks]`` int32 and
+    ``local_seq_lens [B]`` int32 (LOCAL lengths; the op takes the global ones)."""
 
-    __slots__ = ()
-
-    def __new__(cls, k_cache, v_cache, block_table, local_seq_lens):
-        return super().__new__(cls, (k_cache, v_cache, block_table, local_seq_lens))
-
-    k_cache = property(lambda s: s[0])
-    v_cache = property(lambda s: s[1])
-    block_table = property(lambda s: s[2])
-    local_seq_lens = property(lambda s: s[3])
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor | None
+    block_table: torch.Tensor
+    local_seq_lens: torch.Tensor
 
 
 def shard_kv(

@@ -10,6 +10,8 @@ values, the real per-rank lengths of the DCP layout) and reports:
   DCP divides;
 * ``combine_ms``: each combine strategy, all ranks together (max over ranks of the median);
   ``q_gather_ms``: the extra query all-gather of ``heads="sharded"``;
+* ``agree_ms``: the input agreement every call starts with (one small all-gather of metadata
+  fingerprints, :func:`cpattn.comm.agree`), the price of raising on every rank instead of hanging;
 * ``bytes``: bytes one rank sends to combine (recorded from the collectives run), with the
   formula's value (:func:`cpattn.dcp_combine.expected_bytes`) beside it.
 
@@ -37,8 +39,8 @@ SHAPES = {
     "gqa": dict(hq=32, hkv=8, dqk=128, dv=128, mla=False),
     "mla": dict(hq=16, hkv=1, dqk=576, dv=512, mla=True),
 }
-COLUMNS = ["shape", "world", "heads", "combine", "local_ms", "1dev_ms", "combine_ms", "q_gather_ms", "bytes",
-           "formula", "check"]
+COLUMNS = ["shape", "world", "heads", "combine", "local_ms", "1dev_ms", "combine_ms", "q_gather_ms", "agree_ms",
+           "bytes", "formula", "check"]
 
 
 def _local_cache(shape: dict, context: int, batch: int, world: int, rank: int, bs: int, dtype, gen):
@@ -92,6 +94,8 @@ def bench_rank(shape_name: str, context: int, batch: int, dtype_name: str, bs: i
         one_dev = _median_time(lambda: be.run("paged_attention", **kw1), iters)
         del k1, v1, kw1
     dist.barrier()
+    fields = {"q": tuple(q.shape), "seq_lens": [context] * batch, "interleave": 1, "heads": "replicated"}
+    agree = _median_time(lambda: comm.agree("bench", None, fields), combine_iters, dist.barrier)
     rows = []
     for heads in ("replicated", "sharded"):
         q_gather = None
@@ -106,7 +110,7 @@ def bench_rank(shape_name: str, context: int, batch: int, dtype_name: str, bs: i
                 step()
             t = _median_time(step, combine_iters, dist.barrier)
             rows.append(dict(shape=shape_name, world=world, heads=heads, combine=strategy, local_s=local,
-                             one_dev_s=one_dev, combine_s=t, q_gather_s=q_gather,
+                             one_dev_s=one_dev, combine_s=t, q_gather_s=q_gather, agree_s=agree,
                              bytes=sum(r.bytes_sent for r in recs if r.purpose == "combine"),
                              formula=dcp_combine.expected_bytes(strategy, heads, world, batch, shape["hq"],
                                                                 shape["dv"], dtype)))
@@ -172,6 +176,7 @@ def bench(shapes: list[str], worlds: list[int], context: int, batch: int, dtype:
                         **{"1dev_ms": row["one_dev_s"] * 1e3 if row["one_dev_s"] else "-"},
                         combine_ms=max(r["combine_s"] for r in rk) * 1e3,
                         q_gather_ms=max(r["q_gather_s"] for r in rk) * 1e3 if row["q_gather_s"] is not None else "-",
+                        agree_ms=max(r["agree_s"] for r in rk) * 1e3,
                         bytes=row["bytes"], formula=row["formula"],
                         check="-" if cs is None else ("ok" if all(c["ok"] for c in cs) else "FAIL") + f" ({max(c['err'] for c in cs):.1e})",
                         per_rank=rk))
