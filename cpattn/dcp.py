@@ -210,14 +210,15 @@ def plan(q, k_cache, v_cache, block_table, seq_lens, query_start_loc, interleave
                              f"{NB} blocks")
     pos, _ = layout.query_positions(seq_lens, qsl_t, T)
     visible = layout.dcp_local_seq_lens(pos + 1, n, r, interleave)
+    q_like = q if h == q.shape[1] else q.new_empty(T, h, q.shape[2])  # the kernel sees all h heads
     be = select("paged_attention", backend, dict(
-        q=q, k_cache=k_cache, v_cache=v_cache, block_table=block_table, query_start_loc=qsl_t, visible_lens=visible,
+        q=q_like, k_cache=k_cache, v_cache=v_cache, block_table=block_table, query_start_loc=qsl_t, visible_lens=visible,
         scale=sc, v_head_dim=dv, max_query_len=0, max_kv_len=0))
     merge_be = None
     if n > 1:  # pick the merge backend now: refuse before any collective, not between two
         s = h // n if heads == "sharded" else h
-        o = torch.empty((), dtype=q.dtype, device=q.device).expand(T, s, dv)
-        lz = torch.empty((), dtype=torch.float32, device=q.device).expand(T, s)
+        o = q.new_empty(T, s, dv)  # the merge's real shapes and layout (small: decode tokens)
+        lz = q.new_empty(T, s, dtype=torch.float32)
         merge_be = select("merge", backend, {"outs": [o] * n, "lses": [lz] * n, "out": o, "out_lse": lz})
     return _Plan(n, r, h, dv, sc, combine or dcp_combine.DEFAULT[heads], qsl_t, visible,
                  max((b - a for a, b in zip(qsl, qsl[1:])), default=0), max(local, default=0), be, merge_be)
