@@ -67,7 +67,8 @@ def dcp_decode_attention(
         v_head_dim: ``Dv`` for MLA (required when ``v_cache`` is None; ``<= Dqk``).
         heads: ``"replicated"`` or ``"sharded"`` (see ``q``).
         combine: ``"all_gather"``, ``"lse_reduce"`` or ``"all_to_all"`` (sharded only); None
-            picks :data:`cpattn.dcp_combine.DEFAULT` for the head mode. All give the same result.
+            picks :func:`cpattn.dcp_combine.default_strategy` (by head mode and payload size).
+            All give the same result up to rounding.
         return_lse: also return the LSE.
         backend: local-kernel backend (``"pytorch"``, ``"reference"``; None: automatic).
 
@@ -220,7 +221,8 @@ def plan(q, k_cache, v_cache, block_table, seq_lens, query_start_loc, interleave
         o = q.new_empty(T, s, dv)  # the merge's real shapes and layout (small: decode tokens)
         lz = q.new_empty(T, s, dtype=torch.float32)
         merge_be = select("merge", backend, {"outs": [o] * n, "lses": [lz] * n, "out": o, "out_lse": lz})
-    return _Plan(n, r, h, dv, sc, combine or dcp_combine.DEFAULT[heads], qsl_t, visible,
+    strategy = combine or dcp_combine.default_strategy(heads, n, T, h, dv, q.dtype)
+    return _Plan(n, r, h, dv, sc, strategy, qsl_t, visible,
                  max((b - a for a, b in zip(qsl, qsl[1:])), default=0), max(local, default=0), be, merge_be)
 
 

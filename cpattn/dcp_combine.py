@@ -37,17 +37,33 @@ from . import comm
 from .backends import Backend, dispatch
 from .backends.pytorch.merge import merge_weights
 
-__all__ = ["STRATEGIES", "DEFAULT", "allowed", "combine", "count_bytes", "CommRecord", "expected_bytes"]
+__all__ = ["STRATEGIES", "ALL_GATHER_MAX_BYTES", "allowed", "default_strategy", "combine", "count_bytes", "CommRecord", "expected_bytes"]
 
 STRATEGIES = ("all_gather", "lse_reduce", "all_to_all")
 _ALLOWED = {"replicated": ("all_gather", "lse_reduce"), "sharded": ("all_gather", "lse_reduce", "all_to_all")}
-#: Default strategy per head mode: the fastest in docs/performance.md's DCP measurements (one
-#: collective beats two while latency dominates, as it does at decode batch sizes).
-DEFAULT = {"replicated": "all_gather", "sharded": "all_to_all"}
+#: Above this many bytes of all-gathered outputs per rank (``(N-1) * T*H*Dv*e``) the replicated
+#: default switches from ``all_gather`` to ``lse_reduce`` (docs/performance.md, DCP section).
+ALL_GATHER_MAX_BYTES = 2 << 20
 
 
 def allowed(heads: str) -> tuple[str, ...]:
     return _ALLOWED[heads]
+
+
+def default_strategy(heads: str, world: int, T: int, H: int, Dv: int, dtype: torch.dtype) -> str:
+    """The strategy used when none is given, from measurements (docs/performance.md):
+
+    * sharded: ``all_to_all`` (one collective, the fewest bytes; fastest at every size measured);
+    * replicated: ``all_gather`` (one collective) while its payload ``(N-1) * T*H*Dv*e`` is at
+      most :data:`ALL_GATHER_MAX_BYTES`, where latency dominates; beyond it ``lse_reduce``, whose
+      float32 all-reduce avoids every rank merging N full outputs.
+
+    The choice depends only on values every rank shares, so all ranks pick the same one.
+    """
+    if heads == "sharded":
+        return "all_to_all"
+    e = torch.empty((), dtype=dtype).element_size()
+    return "all_gather" if (world - 1) * T * H * Dv * e <= ALL_GATHER_MAX_BYTES else "lse_reduce"
 
 
 @dataclass(frozen=True)

@@ -81,7 +81,7 @@ def check_case(p: dict, results: list[dict]) -> None:
 @settings(max_examples=examples(40, 1000))
 @given(p=cases())
 def test_dcp_matches_oracle_every_strategy(gloo, p):
-    combines = list(dcp_combine.allowed(p["heads"]))
+    combines = list(dcp_combine.allowed(p["heads"])) + [None]  # None: the default
     check_case(p, gloo(p["world"]).run(run_case, p, combines))
 
 
@@ -141,13 +141,26 @@ def test_bytes_sent_match_formula(gloo, world, heads, dtype):
     p = {"seed": 1, "world": world, "bs": 2, "il": 1, "mla": False, "heads": heads, "hq": H, "hkv": 2, "dqk": Dqk,
          "dv": Dv, "lens": [3, 11, 6], "nq": [1, 3, 1], "dtype": dtype}
     e = torch.empty((), dtype=DTYPES[dtype]).element_size()
-    results = gloo(world).run(run_case, p, list(dcp_combine.allowed(heads)))
-    for cmb in dcp_combine.allowed(heads):
-        want = _bytes_formula(cmb, heads, world, T, H, Dv, e)
+    results = gloo(world).run(run_case, p, list(dcp_combine.allowed(heads)) + [None])
+    for cmb in list(dcp_combine.allowed(heads)) + [None]:
+        used = cmb or dcp_combine.default_strategy(heads, world, T, H, Dv, DTYPES[dtype])
+        want = _bytes_formula(used, heads, world, T, H, Dv, e)
         for r, res in enumerate(results):
             recs = res[cmb][2]
             got = {c: s for purpose, c, _, s in recs if purpose == "combine"}
             assert got == want, f"{cmb} rank {r}: sent {got}, formula {want}"
             q_gather = [s for purpose, c, _, s in recs if purpose == "q_gather"]
             assert q_gather == ([(world - 1) * T * (H // world) * Dqk * e] if heads == "sharded" else [])
-            assert sum(want.values()) == dcp_combine.expected_bytes(cmb, heads, world, T, H, Dv, DTYPES[dtype])
+            assert sum(want.values()) == dcp_combine.expected_bytes(used, heads, world, T, H, Dv, DTYPES[dtype])
+
+
+def test_default_strategy_rule():
+    d = dcp_combine.default_strategy
+    assert d("sharded", 4, 10**6, 32, 128, torch.bfloat16) == "all_to_all"
+    limit = dcp_combine.ALL_GATHER_MAX_BYTES
+    # replicated: all_gather while (N-1) * T*H*Dv*e <= limit, lse_reduce beyond
+    assert d("replicated", 2, limit // (32 * 128 * 2), 32, 128, torch.bfloat16) == "all_gather"
+    assert d("replicated", 2, limit // (32 * 128 * 2) + 1, 32, 128, torch.bfloat16) == "lse_reduce"
+    assert d("replicated", 4, 8, 32, 128, torch.bfloat16) == "all_gather"
+    assert d("replicated", 4, 128, 32, 128, torch.bfloat16) == "lse_reduce"
+    assert d("replicated", 3, 1000, 4, 8, torch.float32) == "all_gather"
