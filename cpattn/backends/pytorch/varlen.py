@@ -18,7 +18,8 @@ How it stays fast and small:
   skipped, GQA without repeating KV heads, and it returns the LSE. ``Dqk != Dv`` is handled by
   zero-padding the narrower side once per call (zeros change no score and no output).
 * Elsewhere (or with ``USE_ATEN_FLASH = False``) a generic path computes each tile in float32
-  (float64 for float64 input) over query-row chunks of at most ``_CHUNK_ELEMS`` scores.
+  for 16-bit input and float64 for float32/float64 input (float32 math would err up to ~2x
+  plain float32 PyTorch), over query-row chunks of at most ``_CHUNK_ELEMS`` scores.
 * A query run covered by one tile is written straight to the output; the partials of one covered
   by a few tiles are merged once by the chunked merge kernel, rounded once to the output dtype; a
   run with many tiles (scattered positions) streams them into an accumulator instead. Merging
@@ -100,7 +101,7 @@ def _tile_generic(q, k, v, triangle: bool, scale: float):
     m, hq, d = q.shape
     n, hkv, dv = v.shape
     g = hq // hkv
-    ct = torch.promote_types(q.dtype, torch.float32)
+    ct = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else torch.float64  # as _FLASH_DTYPE
     qf = q.to(ct).view(m, hkv, g, d).permute(1, 2, 0, 3)  # [Hkv, G, m, D]
     kt = k.to(ct).permute(1, 2, 0).unsqueeze(1)  # [Hkv, 1, D, n]
     vf = v.to(ct).permute(1, 0, 2).unsqueeze(1)  # [Hkv, 1, n, Dv]
