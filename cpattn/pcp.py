@@ -76,10 +76,10 @@ def pcp_ring_prefill(
         TypeError / ValueError naming the argument, on **every** rank of the group, when any
         rank's input is bad or ranks disagree (cu_seqlens, dtype, head counts, head dims,
         causal, scale, method, backend, context lengths and interleave):
-        :class:`cpattn.comm.CollectiveInputError` on the ranks
-        whose own input was fine. Row counts that do not match this rank's share (for example a
-        batch partitioned for another group size) are refused the same way. Nothing is
-        written; no collective is left waiting.
+        :class:`cpattn.comm.CollectiveInputError` on the ranks whose own input was fine. Row
+        counts that do not match this rank's share (for example a batch partitioned for another
+        group size) are refused the same way. Nothing is written; no collective is left waiting.
+        :class:`cpattn.BackendError` (on every rank) when the requested backend cannot run it.
     """
     if group is not None and not comm.is_process_group(group):
         raise TypeError(f"{OP}: group must be a torch.distributed ProcessGroup or None; got {type(group).__name__}")
