@@ -43,7 +43,7 @@ STRATEGIES = ("all_gather", "lse_reduce", "all_to_all")
 _ALLOWED = {"replicated": ("all_gather", "lse_reduce"), "sharded": ("all_gather", "lse_reduce", "all_to_all")}
 #: Above this many bytes of all-gathered outputs per rank (``(N-1) * T*H*Dv*e``) the replicated
 #: default switches from ``all_gather`` to ``lse_reduce`` (docs/performance.md, DCP section).
-ALL_GATHER_MAX_BYTES = 2 << 20
+ALL_GATHER_MAX_BYTES = 1 << 20
 
 
 def allowed(heads: str) -> tuple[str, ...]:

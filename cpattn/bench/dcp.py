@@ -193,7 +193,7 @@ def register(subs) -> None:
     p.add_argument("--dtype", default="bfloat16", choices=list(DTYPES))
     p.add_argument("--block-size", type=int, default=64)
     p.add_argument("--iters", type=int, default=3, help="local-attention timing iterations")
-    p.add_argument("--combine-iters", type=int, default=20)
+    p.add_argument("--combine-iters", type=int, default=50)
     p.add_argument("--no-baseline", action="store_true", help="skip the one-device (no DCP) timing")
     p.add_argument("--check", action="store_true", help="check a small case against the float64 reference first")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
