@@ -51,13 +51,21 @@ def _merge_kernel(
             li = _clean(tl.load(lse_rest_ptr + i * lse_stride_n + lse_row, mask=rm, other=float("-inf")).to(tl.float32))
             m = tl.maximum(m, li)
         m = tl.where(m == float("-inf"), 0.0, m)
+        # Compensated (Kahan) sum of the weights: a plain running sum of N float32 terms can be
+        # an ulp off, and every output element inherits that error through the division below.
         total = tl.exp(l0 - m)
+        comp = tl.zeros([BLOCK_R], tl.float32)
         for i in range(0, N_REST):
             li = _clean(tl.load(lse_rest_ptr + i * lse_stride_n + lse_row, mask=rm, other=float("-inf")).to(tl.float32))
-            total += tl.exp(li - m)
-        inv = tl.where(total > 0, 1.0 / tl.where(total > 0, total, 1.0), 0.0)
+            y = tl.exp(li - m) - comp
+            t = total + y
+            comp = (t - total) - y
+            total = t
+        # Empty rows (total 0) get weight 0 below; dividing (one rounding), not multiplying by a
+        # rounded reciprocal, keeps float32 results within 2x of plain PyTorch's error.
+        safe_total = tl.where(total > 0, total, float("inf"))
         tl.store(out_lse_ptr + r64, m + tl.log(total), mask=rm)
-        f0 = tl.exp(l0 - m) * inv
+        f0 = tl.exp(l0 - m) / safe_total
         # An input of weight 0 (empty, or a padding row) reads nothing: its bound is 0, not D.
         lim0 = tl.where(f0 > 0, D, 0)
         src0 = first_ptr + r64 * stride_row
@@ -69,7 +77,7 @@ def _merge_kernel(
             acc = acc * f0[:, None]
             for i in range(0, N_REST):
                 li = _clean(tl.load(lse_rest_ptr + i * lse_stride_n + lse_row, mask=rm, other=float("-inf")).to(tl.float32))
-                fi = tl.exp(li - m) * inv
+                fi = tl.exp(li - m) / safe_total
                 lim = tl.where(fi > 0, D, 0)
                 x = tl.load(rest_rows[:, None] + i * stride_n + d[None, :], mask=d[None, :] < lim[:, None], other=0.0)
                 acc += x.to(tl.float32) * fi[:, None]
