@@ -114,6 +114,8 @@ class _Plan:
     visible: torch.Tensor
     max_query_len: int
     max_kv_len: int
+    qsl_host: list  # query_start_loc on the host
+    local_host: list  # this rank's local length of each request
     backend: object  # Backend running paged_attention
     merge_backend: object  # Backend running the combine's merge (None at world size 1)
 
@@ -222,8 +224,8 @@ def plan(q, k_cache, v_cache, block_table, seq_lens, query_start_loc, interleave
         lz = q.new_empty(T, s, dtype=torch.float32)
         merge_be = select("merge", backend, {"outs": [o] * n, "lses": [lz] * n, "out": o, "out_lse": lz})
     strategy = combine or dcp_combine.default_strategy(heads, n, T, h, dv, q.dtype)
-    return _Plan(n, r, h, dv, sc, strategy, qsl_t, visible,
-                 max((b - a for a, b in zip(qsl, qsl[1:])), default=0), max(local, default=0), be, merge_be)
+    return _Plan(n, r, h, dv, sc, strategy, qsl_t, visible, max((b - a for a, b in zip(qsl, qsl[1:])), default=0),
+                 max(local, default=0), qsl, local, be, merge_be)
 
 
 def run(q, k_cache, v_cache, block_table, seq_lens, query_start_loc, group_name_: str, interleave, scale,
@@ -242,11 +244,36 @@ def run(q, k_cache, v_cache, block_table, seq_lens, query_start_loc, group_name_
         return (torch.zeros(0, hq_out, p.v_head_dim, dtype=q.dtype, device=q.device),
                 torch.zeros(0, hq_out, dtype=torch.float32, device=q.device))
     q_all = dcp_combine.gather_heads(q, group) if heads == "sharded" else q
-    out, lse = p.backend.run(
-        "paged_attention", q=q_all, k_cache=k_cache, v_cache=v_cache, block_table=block_table,
-        query_start_loc=p.qsl, visible_lens=p.visible, scale=p.scale, v_head_dim=p.v_head_dim,
-        max_query_len=p.max_query_len, max_kv_len=p.max_kv_len)
+    out, lse = local_attention(p, q_all, k_cache, v_cache, block_table)
     return dcp_combine.combine(out, lse, strategy=p.combine, heads=heads, group=group, backend=p.merge_backend)
+
+
+def local_attention(p: _Plan, q, k_cache, v_cache, block_table) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's partial ``(out [T, H, Dv], lse [T, H])``: one kernel call, or one per bucket of
+    requests with similar query counts (``n_b`` in ``[2^(k-1), 2^k)``) when padding every request
+    to the longest would more than double the work (decode tokens batched with a long chunk)."""
+    kw = dict(k_cache=k_cache, v_cache=v_cache, scale=p.scale, v_head_dim=p.v_head_dim)
+    T = q.shape[0]
+    nq = [b - a for a, b in zip(p.qsl_host, p.qsl_host[1:])]
+    if len(nq) * p.max_query_len <= 2 * T:
+        return p.backend.run("paged_attention", q=q, block_table=block_table, query_start_loc=p.qsl,
+                             visible_lens=p.visible, max_query_len=p.max_query_len, max_kv_len=p.max_kv_len, **kw)
+    out = q.new_zeros(T, q.shape[1], p.v_head_dim)
+    lse = torch.full((T, q.shape[1]), float("-inf"), dtype=dcp_combine.partial_dtype(q.dtype), device=q.device)
+    buckets: dict[int, list[int]] = {}
+    for b, n in enumerate(nq):
+        if n:
+            buckets.setdefault(n.bit_length(), []).append(b)
+    for reqs in buckets.values():
+        tok = torch.cat([torch.arange(p.qsl_host[b], p.qsl_host[b + 1]) for b in reqs]).to(q.device)
+        sub_n = [nq[b] for b in reqs]
+        o, l = p.backend.run(
+            "paged_attention", q=q[tok], block_table=block_table[torch.tensor(reqs, device=block_table.device)],
+            query_start_loc=torch.tensor([0] + sub_n, device=q.device).cumsum(0), visible_lens=p.visible[tok],
+            max_query_len=max(sub_n), max_kv_len=max(p.local_host[b] for b in reqs), **kw)
+        out[tok] = o
+        lse[tok] = l
+    return out, lse
 
 
 def _fields(q, k_cache, v_cache, seq_lens, query_start_loc, interleave, heads, combine, p) -> dict:

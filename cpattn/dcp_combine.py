@@ -3,27 +3,30 @@
 Every rank holds ``out [T, H, Dv]`` (query dtype) and ``lse [T, H]`` (float32, natural log,
 ``(0, -inf)`` for a query that saw no local key) for all ``H`` heads over its own shard of the
 KV cache. The exact result is their N-way LSE merge (:mod:`cpattn.lse`). Strategies, with the
-bytes each rank sends (``N`` ranks, ``e`` bytes per element of the query dtype, ``S = H / N``;
-``pad4`` rounds up to a multiple of 4 bytes; bandwidth-optimal collectives: an all-gather sends
-``(N-1) x`` for ``x`` bytes contributed, a reduce-scatter or all-to-all ``(N-1)/N x`` and an
-all-reduce ``2 (N-1)/N x`` for ``x`` bytes of input):
+bytes each rank sends (``N`` ranks, ``e`` bytes per element of the query dtype, ``a`` bytes per
+partial LSE and per summed element: 4, or 8 for float32 queries (:func:`partial_dtype`);
+``S = H / N``; ``pad_a`` rounds up to a multiple of ``a``; bandwidth-optimal collectives: an
+all-gather sends ``(N-1) x`` for ``x`` bytes contributed, a reduce-scatter or all-to-all
+``(N-1)/N x`` and an all-reduce ``2 (N-1)/N x`` for ``x`` bytes of input):
 
 ``"all_gather"`` (both head modes)
     One all-gather of ``[lse | out]`` packed in one byte buffer, then an N-way merge (of this
-    rank's ``S`` heads when sharded). Sends ``(N-1) * pad4(T*H*(4 + Dv*e))``. Simplest, most bytes.
+    rank's ``S`` heads when sharded). Sends ``(N-1) * pad_a(T*H*(a + Dv*e))``. Simplest, most
+    bytes.
 ``"lse_reduce"`` (both head modes)
-    All-gather of the LSEs only (``(N-1) * T*H*4``), each rank rescales its output by
-    ``exp(lse_local - lse_global)`` in float32, then a float32 sum over ranks: all-reduce when
-    every rank wants all heads (``2 (N-1)/N * T*H*Dv*4``), reduce-scatter over heads when sharded
-    (``(N-1)/N * T*H*Dv*4``). Two collectives; the sum is float32 (fp32 accumulation).
+    All-gather of the LSEs only (``(N-1) * T*H*a``), each rank rescales its output by
+    ``exp(lse_local - lse_global)``, then a sum over ranks in float32 (float64 for float32
+    queries): all-reduce when every rank wants all heads (``2 (N-1)/N * T*H*Dv*a``),
+    reduce-scatter over heads when sharded (``(N-1)/N * T*H*Dv*a``). Two collectives.
 ``"all_to_all"`` (sharded only)
-    One all-to-all: the slice for rank ``j`` (heads ``jS..(j+1)S-1``) carries its float32 LSE
-    packed beside the output; then an N-way merge. Sends ``(N-1)/N * N * pad4(T*S*(4 + Dv*e))``.
+    One all-to-all: the slice for rank ``j`` (heads ``jS..(j+1)S-1``) carries its LSE packed
+    beside the output; then an N-way merge. Sends ``(N-1) * pad_a(T*S*(a + Dv*e))``.
 
-Sums across ranks always happen in float32 (the merge kernel accumulates in float32, the
-rescaled outputs are float32). With ``heads="replicated"`` every rank ends with bitwise the same
-result (same inputs to the same merge, or one all-reduce). :func:`count_bytes` records what each
-collective sent, so tests can check the formulas above (:func:`expected_bytes`).
+Sums across ranks happen in float32 at least (the merge kernel accumulates in float32, the
+rescaled outputs are float32), in float64 for float32 queries. With ``heads="replicated"`` every
+rank ends with bitwise the same result (same inputs to the same merge, or one all-reduce).
+:func:`count_bytes` records what each collective sent, so tests can check the formulas above
+(:func:`expected_bytes`).
 """
 from __future__ import annotations
 
@@ -35,9 +38,10 @@ import torch
 
 from . import comm
 from .backends import Backend, dispatch
-from .backends.pytorch.merge import merge_weights
+from .backends.pytorch.merge import merge_weights  # the merge's own weights: lse_reduce rescales exactly as it
 
-__all__ = ["STRATEGIES", "ALL_GATHER_MAX_BYTES", "allowed", "default_strategy", "combine", "count_bytes", "CommRecord", "expected_bytes"]
+__all__ = ["STRATEGIES", "ALL_GATHER_MAX_BYTES", "allowed", "default_strategy", "combine", "count_bytes",
+           "CommRecord", "expected_bytes", "partial_dtype"]
 
 STRATEGIES = ("all_gather", "lse_reduce", "all_to_all")
 _ALLOWED = {"replicated": ("all_gather", "lse_reduce"), "sharded": ("all_gather", "lse_reduce", "all_to_all")}
@@ -53,7 +57,8 @@ def allowed(heads: str) -> tuple[str, ...]:
 def default_strategy(heads: str, world: int, T: int, H: int, Dv: int, dtype: torch.dtype) -> str:
     """The strategy used when none is given, from measurements (docs/performance.md):
 
-    * sharded: ``all_to_all`` (one collective, the fewest bytes; fastest at every size measured);
+    * sharded: ``all_to_all`` (one collective, the fewest bytes; fastest, or within noise at
+      world 2, at every size measured);
     * replicated: ``all_gather`` (one collective) while its payload ``(N-1) * T*H*Dv*e`` is at
       most :data:`ALL_GATHER_MAX_BYTES`, where latency dominates; beyond it ``lse_reduce``, whose
       float32 all-reduce avoids every rank merging N full outputs.
@@ -102,22 +107,31 @@ def _note(purpose: str, collective: str, t: torch.Tensor, n: int) -> None:
     recs.append(CommRecord(purpose, collective, x, sent))
 
 
-def _pad4(n: int) -> int:
-    return -(-n // 4) * 4
+def partial_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Dtype of the partial LSEs exchanged between ranks, and of ``lse_reduce``'s sum, for query
+    dtype ``dtype``: float32, or float64 for float32 queries. The public LSE is float32 either
+    way; but a float32 LSE of magnitude ~6 is only known to ~2.4e-7, which as a merge weight
+    error alone put float32 results past 2x the error of plain float32 PyTorch."""
+    return torch.float64 if dtype == torch.float32 else torch.float32
+
+
+def _pad(n: int, align: int) -> int:
+    return -(-n // align) * align
 
 
 def expected_bytes(strategy: str, heads: str, world: int, T: int, H: int, Dv: int, dtype: torch.dtype) -> int:
     """Bytes one rank sends to combine (the formulas in the module docstring); 0 at world 1."""
     n, e = world, torch.empty((), dtype=dtype).element_size()
+    a = torch.empty((), dtype=partial_dtype(dtype)).element_size()  # partial LSE / sum element
     if n == 1:
         return 0
     if strategy == "all_gather":
-        return (n - 1) * _pad4(T * H * (4 + Dv * e))
+        return (n - 1) * _pad(T * H * (a + Dv * e), a)
     if strategy == "lse_reduce":
-        rest = 2 * (n - 1) * T * H * Dv * 4 // n if heads == "replicated" else (n - 1) * T * H * Dv * 4 // n
-        return (n - 1) * T * H * 4 + rest
+        rest = 2 * (n - 1) * T * H * Dv * a // n if heads == "replicated" else (n - 1) * T * H * Dv * a // n
+        return (n - 1) * T * H * a + rest
     if strategy == "all_to_all":
-        return (n - 1) * _pad4(T * (H // n) * (4 + Dv * e))
+        return (n - 1) * _pad(T * (H // n) * (a + Dv * e), a)
     raise ValueError(f"unknown combine strategy {strategy!r}")
 
 
@@ -131,22 +145,19 @@ def gather_heads(q: torch.Tensor, group) -> torch.Tensor:
     return g.permute(1, 0, 2, 3).reshape(q.shape[0], n * q.shape[1], q.shape[2])
 
 
-def _bytes(x: torch.Tensor) -> torch.Tensor:
-    return x.contiguous().view(-1).view(torch.uint8)
-
-
 def _pack(lse: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """``[N, pad4(...)]`` byte rows ``[lse_j | out_j]`` from ``lse [N, ...]`` and ``out [N, ...]``."""
-    n = lse.shape[0]
+    """``[N, bytes]`` rows ``[lse_j | out_j]`` from ``lse [N, ...]`` and ``out [N, ...]``, each row
+    padded to a multiple of the LSE element size (so every row's LSE can be viewed in place)."""
+    n, a = lse.shape[0], lse.element_size()
     rows = torch.cat([lse.contiguous().view(n, -1).view(torch.uint8), out.contiguous().view(n, -1).view(torch.uint8)], 1)
-    pad = _pad4(rows.shape[1]) - rows.shape[1]
+    pad = _pad(rows.shape[1], a) - rows.shape[1]
     return torch.nn.functional.pad(rows, (0, pad)) if pad else rows
 
 
-def _unpack(row: torch.Tensor, lse_shape, out_shape, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    nl = 4 * _numel(lse_shape)
+def _unpack(row: torch.Tensor, lse_shape, lse_dtype, out_shape, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    nl = torch.empty((), dtype=lse_dtype).element_size() * _numel(lse_shape)
     no = torch.empty((), dtype=dtype).element_size() * _numel(out_shape)
-    return row[:nl].view(torch.float32).view(lse_shape), row[nl:nl + no].view(dtype).view(out_shape)
+    return row[:nl].view(lse_dtype).view(lse_shape), row[nl:nl + no].view(dtype).view(out_shape)
 
 
 def _numel(shape) -> int:
@@ -157,35 +168,46 @@ def _numel(shape) -> int:
 
 
 def _merge(outs, lses, backend):
-    out = torch.empty(outs[0].shape, dtype=outs[0].dtype, device=outs[0].device)
-    lse = torch.empty(outs[0].shape[:-1], dtype=torch.float32, device=outs[0].device)
-    if isinstance(backend, Backend):
-        backend.run("merge", outs=list(outs), lses=list(lses), out=out, out_lse=lse)
-    else:
-        dispatch("merge", backend, outs=list(outs), lses=list(lses), out=out, out_lse=lse)
-    return out, lse
+    """N-way merge: the merge kernel for float32 LSEs; for float64 partial LSEs (float32 queries)
+    the same maths in float64 here (the kernels take float32 LSEs only). Returns float32 LSE."""
+    if lses[0].dtype == torch.float32:
+        out = torch.empty(outs[0].shape, dtype=outs[0].dtype, device=outs[0].device)
+        lse = torch.empty(outs[0].shape[:-1], dtype=torch.float32, device=outs[0].device)
+        if isinstance(backend, Backend):
+            backend.run("merge", outs=list(outs), lses=list(lses), out=out, out_lse=lse)
+        else:
+            dispatch("merge", backend, outs=list(outs), lses=list(lses), out=out, out_lse=lse)
+        return out, lse
+    frac, lse = merge_weights(list(lses))
+    acc = torch.zeros(outs[0].shape, dtype=lses[0].dtype, device=outs[0].device)
+    for o, f in zip(outs, frac):
+        acc += (o.to(acc.dtype) * f[..., None]).masked_fill_((f <= 0)[..., None], 0.0)  # empty rows: 0, never NaN
+    return acc.to(outs[0].dtype), lse.float()
 
 
 def combine(out: torch.Tensor, lse: torch.Tensor, *, strategy: str, heads: str, group=None,
             backend: str | Backend | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Combine this rank's partial ``(out [T, H, Dv], lse [T, H])`` with the other ranks'.
 
-    Returns ``(out, lse)`` over the whole cache: all ``H`` heads (replicated) or this rank's
-    ``S = H/N`` heads ``rank*S .. rank*S+S-1`` (sharded); ``out`` in the input dtype, ``lse``
-    float32. Every rank of ``group`` must call it with the same shapes, strategy and heads mode
-    (the public op checks this first). ``backend``: the merge kernel's backend, a name (or None:
-    automatic) or a :class:`~cpattn.backends.Backend`. World size 1: returned as is, no collective.
+    ``lse`` is converted to :func:`partial_dtype` of ``out``'s dtype before it is sent. Returns
+    ``(out, lse)`` over the whole cache: all ``H`` heads (replicated) or this rank's ``S = H/N``
+    heads ``rank*S .. rank*S+S-1`` (sharded); ``out`` in the input dtype, ``lse`` float32. Every
+    rank of ``group`` must call it with the same shapes, strategy and heads mode (the public op
+    checks this first). ``backend``: the merge kernel's backend, a name (or None: automatic) or a
+    :class:`~cpattn.backends.Backend`. World size 1: returned as is, no collective.
     """
     n, r = comm.world_size(group), comm.rank(group)
     if n == 1:
-        return out, lse
+        return out, lse.float()
     T, H, Dv = out.shape
     S = H // n
+    pd = partial_dtype(out.dtype)
+    lse = lse.to(pd)
     if strategy == "all_gather":
         packed = _pack(lse.unsqueeze(0), out.unsqueeze(0))[0]
         _note("combine", "all_gather", packed, n)
         rows = comm.all_gather(packed, group)  # [N, bytes]
-        parts = [_unpack(rows[i], (T, H), (T, H, Dv), out.dtype) for i in range(n)]
+        parts = [_unpack(rows[i], (T, H), pd, (T, H, Dv), out.dtype) for i in range(n)]
         if heads == "sharded":
             parts = [(l[:, r * S:(r + 1) * S], o[:, r * S:(r + 1) * S]) for l, o in parts]
         return _merge([o for _, o in parts], [l for l, _ in parts], backend)
@@ -194,20 +216,20 @@ def combine(out: torch.Tensor, lse: torch.Tensor, *, strategy: str, heads: str, 
         lses = comm.all_gather(lse.contiguous(), group)  # [N, T, H]
         frac, lse_all = merge_weights(list(lses.unbind(0)))
         w = frac[r]
-        scaled = out.float().mul_(w[..., None]).masked_fill_((w <= 0)[..., None], 0.0)  # empty rows: 0, never NaN
+        scaled = out.to(pd).mul_(w[..., None]).masked_fill_((w <= 0)[..., None], 0.0)  # empty rows: 0, never NaN
         if heads == "replicated":
             _note("combine", "all_reduce", scaled, n)
-            return comm.all_reduce_sum(scaled, group).to(out.dtype), lse_all
+            return comm.all_reduce_sum(scaled, group).to(out.dtype), lse_all.float()
         by_dest = scaled.view(T, n, S, Dv).transpose(0, 1).reshape(n * T, S, Dv)
         _note("combine", "reduce_scatter", by_dest, n)
         mine = comm.reduce_scatter_sum(by_dest, group)  # [T, S, Dv]
-        return mine.to(out.dtype), lse_all[:, r * S:(r + 1) * S].contiguous()
+        return mine.to(out.dtype), lse_all[:, r * S:(r + 1) * S].float().contiguous()
     if strategy == "all_to_all":
         if heads != "sharded":
             raise ValueError("combine 'all_to_all' needs heads='sharded'")
         packed = _pack(lse.view(T, n, S).transpose(0, 1), out.view(T, n, S, Dv).transpose(0, 1))  # [N, bytes]
         _note("combine", "all_to_all", packed, n)
         rows = comm.all_to_all(packed, group)  # row i came from rank i
-        parts = [_unpack(rows[i], (T, S), (T, S, Dv), out.dtype) for i in range(n)]
+        parts = [_unpack(rows[i], (T, S), pd, (T, S, Dv), out.dtype) for i in range(n)]
         return _merge([o for _, o in parts], [l for l, _ in parts], backend)
     raise ValueError(f"unknown combine strategy {strategy!r}; choose one of {STRATEGIES}")

@@ -123,21 +123,22 @@ def test_query_seeing_no_local_key_is_empty_state(gloo):
 
 
 def _bytes_formula(cmb, heads, n, T, H, Dv, e):
-    pad4 = lambda x: -(-x // 4) * 4  # noqa: E731
+    a = 8 if e == 4 else 4  # partial LSEs and sums: float64 for float32 queries, else float32
+    pad = lambda x: -(-x // a) * a  # noqa: E731
     if cmb == "all_gather":
-        return {"all_gather": (n - 1) * pad4(T * H * (4 + Dv * e))}
+        return {"all_gather": (n - 1) * pad(T * H * (a + Dv * e))}
     if cmb == "lse_reduce" and heads == "replicated":
-        return {"all_gather": (n - 1) * T * H * 4, "all_reduce": 2 * (n - 1) * T * H * Dv * 4 // n}
+        return {"all_gather": (n - 1) * T * H * a, "all_reduce": 2 * (n - 1) * T * H * Dv * a // n}
     if cmb == "lse_reduce":
-        return {"all_gather": (n - 1) * T * H * 4, "reduce_scatter": (n - 1) * T * H * Dv * 4 // n}
-    return {"all_to_all": (n - 1) * pad4(T * (H // n) * (4 + Dv * e))}
+        return {"all_gather": (n - 1) * T * H * a, "reduce_scatter": (n - 1) * T * H * Dv * a // n}
+    return {"all_to_all": (n - 1) * pad(T * (H // n) * (a + Dv * e))}
 
 
 @pytest.mark.parametrize("world", [2, 3, 4])
 @pytest.mark.parametrize("heads", ["replicated", "sharded"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_bytes_sent_match_formula(gloo, world, heads, dtype):
-    T, H, Dv, Dqk = 5, 2 * world, 7, 9  # odd sizes exercise the 4-byte padding
+    T, H, Dv, Dqk = 5, 2 * world, 7, 9  # odd sizes exercise the row padding
     p = {"seed": 1, "world": world, "bs": 2, "il": 1, "mla": False, "heads": heads, "hq": H, "hkv": 2, "dqk": Dqk,
          "dv": Dv, "lens": [3, 11, 6], "nq": [1, 3, 1], "dtype": dtype}
     e = torch.empty((), dtype=DTYPES[dtype]).element_size()

@@ -93,3 +93,27 @@ def test_bad_options():
         call(interleave=0)
     with pytest.raises(ValueError, match="unknown backend 'nope'"):
         call(backend="nope")
+
+
+def test_mixed_batch_is_bucketed_not_padded(monkeypatch):
+    """Decode tokens batched with a long chunk: requests are run in buckets of similar query
+    counts (padding at most 2x), and the result still matches the oracle."""
+    from cpattn.backends.pytorch import paged
+
+    p = {"seed": 11, "world": 1, "bs": 4, "il": 1, "mla": False, "heads": "replicated", "hq": 4, "hkv": 2, "dqk": 8,
+         "dv": 8, "lens": [5, 40, 3, 64, 9, 2], "nq": [1, 33, 1, 2, 3, 1], "dtype": "float32"}
+    calls = []
+    real = paged.paged_attention
+
+    def spy(**kw):
+        calls.append((kw["block_table"].shape[0], kw["max_query_len"], kw["q"].shape[0]))
+        return real(**kw)
+
+    monkeypatch.setitem(cpattn.backends.get_backend("pytorch").kernels["paged_attention"].__dict__, "fn", spy)
+    inp = local_inputs(p, 1, 0)
+    out, lse = cpattn.dcp_decode_attention(
+        inp["q"], inp["k_cache"], inp["v_cache"], inp["block_table"], inp["seq_lens"], group=None,
+        query_start_loc=inp["query_start_loc"], heads="replicated", return_lse=True, backend="pytorch")
+    check_case(p, [{"default": (out, lse, [])}])
+    assert sorted(calls) == sorted([(3, 1, 3), (2, 3, 5), (1, 33, 33)])  # n_b in {1}, {2, 3}, {33}
+    assert all(b * qm <= 2 * t for b, qm, t in calls)

@@ -29,7 +29,8 @@ def paged_attention(q, k_cache, v_cache, block_table, query_start_loc, visible_l
     qsl = [int(x) for x in query_start_loc.tolist()]
     if len(qsl) < 2 or qsl[-1] == 0:
         out = torch.zeros(*q.shape[:2], v_head_dim, dtype=q.dtype, device=q.device)
-        return out, torch.full(q.shape[:2], float("-inf"), dtype=torch.float32, device=q.device)
+        lse_dtype = torch.float64 if q.dtype == torch.float32 else torch.float32
+        return out, torch.full(q.shape[:2], float("-inf"), dtype=lse_dtype, device=q.device)
     vis = visible_lens.to(torch.int64).cpu()
     k_flat = k_cache.reshape(-1, *k_cache.shape[2:])
     ks, vs, cu_k = [], [], [0]
@@ -47,7 +48,7 @@ def paged_attention(q, k_cache, v_cache, block_table, query_start_loc, visible_l
         cu_seqlens_q=torch.tensor(qsl), cu_seqlens_k=torch.tensor(cu_k), causal=True, scale=scale,
         q_positions=vis - 1, k_positions=k_pos,
     )
-    return o.to(q.dtype), l.float()
+    return o.to(q.dtype), l if q.dtype == torch.float32 else l.float()  # float64 LSE for float32 q
 
 
 @BACKEND.kernel("attention")

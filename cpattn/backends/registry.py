@@ -23,7 +23,8 @@ Kernel signatures (internal, after the public layer validated the input):
   V = first ``v_head_dim`` channels of K); ``block_table [B, MB]``, ``query_start_loc [B+1]``;
   query ``t`` sees the first ``visible_lens[t]`` local keys of its request; host ints
   ``max_query_len``/``max_kv_len`` bound the per-request query count and ``visible_lens``.
-  Returns ``out [T, Hq, Dv]`` (q dtype) and ``lse [T, Hq]`` (float32; ``(0, -inf)`` when no key).
+  Returns ``out [T, Hq, Dv]`` (q dtype) and ``lse [T, Hq]`` (float32; for float32 q a kernel may
+  return float64, which DCP keeps through its cross-rank merge; ``(0, -inf)`` when no key).
 * ``attention(q, k, v, cu_seqlens_q, cu_seqlens_k, q_positions, k_positions, causal, scale)`` ->
   ``(out, lse)``: varlen attention of ``q [Tq, Hq, Dqk]`` over ``k [Tk, Hkv, Dqk]``,
   ``v [Tk, Hkv, Dv]`` (last dim stride 1); ``cu_seqlens_q/k [B+1]`` int tensors; with ``causal``

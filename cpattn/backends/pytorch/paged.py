@@ -11,7 +11,9 @@ Compute dtype: float32 for bfloat16/float16 inputs; float64 for float32 inputs. 
 online softmax followed by a cross-rank merge costs a few ulps more than plain float32
 attention in one pass (measured up to 1.7x the 2x-plain-PyTorch tolerance over random cases),
 so float32 callers would get a less accurate answer than PyTorch gives them; in float64 the
-result stays within 0.75x of that tolerance after the merge.
+result stays within 0.75x of that tolerance after the merge. For the same reason the LSE of a
+float32 query is returned in float64 (a float32 LSE of magnitude ~6 is only known to ~2.4e-7,
+a merge-weight error that alone broke the tolerance in 1 of 1000 thorough cases).
 
 GQA without repeating KV: queries are reshaped to ``[Hkv, B, Qmax * G, D]`` (``G = Hq / Hkv``
 query heads per KV head, ``Qmax`` query tokens per request padded) and each KV head's rows are
@@ -49,7 +51,7 @@ def paged_attention(q, k_cache, v_cache, block_table, query_start_loc, visible_l
     (V = ``k[..., :v_head_dim]``); ``block_table [B, MB]``; ``query_start_loc [B+1]``;
     ``visible_lens [T]`` (local keys each query sees); ``max_query_len >= max n_b``;
     ``max_kv_len >= max visible_lens``. Returns ``out [T, Hq, Dv]`` (q dtype), ``lse [T, Hq]``
-    float32."""
+    float32 (float64 for float32 ``q``)."""
     T, Hq, Dqk = q.shape
     NB, bs, Hkv, _ = k_cache.shape
     Dv = v_head_dim
@@ -59,7 +61,7 @@ def paged_attention(q, k_cache, v_cache, block_table, query_start_loc, visible_l
     dev = q.device
     cd = _compute_dtype(q.dtype)
     out = torch.zeros(T, Hq, Dv, dtype=q.dtype, device=dev)
-    lse = torch.full((T, Hq), float("-inf"), dtype=torch.float32, device=dev)
+    lse = torch.full((T, Hq), float("-inf"), dtype=_lse_dtype(q.dtype), device=dev)
     if T == 0 or B == 0 or NB == 0 or max_kv_len <= 0:
         return out, lse
 
@@ -155,4 +157,10 @@ class _Buffers:
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float32 else torch.float32
+
+
+def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32; float64 for float32 queries (the registry's contract: the partial is merged
+    across ranks before the public float32 LSE is formed)."""
     return torch.float64 if dtype == torch.float32 else torch.float32
