@@ -5,7 +5,10 @@ Every configuration runs in real gloo rank processes with one thread each (``--t
 cores. The time of one prefill is the slowest rank's, measured between two barriers. The
 configurations run in ``--iters`` interleaved rounds (1 rank, then each N-rank one) so that load
 from other processes on a shared machine hits them alike; the best and the median call are
-reported. Speedup = best time(1 rank) / best time(N ranks); parallel efficiency = speedup / N. Per-rank breakdown of the last timed call (from :data:`cpattn.ring.last_times`, the
+reported. Speedup = best time(1 rank) / best time(N ranks); parallel efficiency = speedup / N.
+``cpu_s`` is the CPU time of the slowest rank's process in its best call (compute plus gloo's
+threads, not time spent descheduled); ``cpu_speedup`` compares those, so a gap between
+``speedup`` and ``cpu_speedup`` is time the ranks lost to waiting or to other processes. Per-rank breakdown of the last timed call (from :data:`cpattn.ring.last_times`, the
 slowest rank): local attention compute, waiting (ring: for the next block after computing;
 all-gather: the collective), merging partials, packing/reordering KV, and ``other`` (the rest of
 the call: input checks, the cross-rank agreement, op dispatch). ``rank_compute_spread`` is
@@ -24,8 +27,8 @@ import torch
 from ..testing.gloo import GlooWorld
 from .common import DTYPES, print_table, write_json
 
-COLUMNS = ["shape", "method", "ranks", "best_s", "median_s", "speedup", "efficiency", "compute_s", "wait_s", "merge_s",
-           "pack_s", "other_s", "rank_compute_spread", "check"]
+COLUMNS = ["shape", "method", "ranks", "best_s", "median_s", "speedup", "efficiency", "cpu_s", "cpu_speedup",
+           "compute_s", "wait_s", "merge_s", "pack_s", "other_s", "rank_compute_spread", "check"]
 ANCHORS = "anchors: ring-flash-attention zigzag fwd 85% of ideal on 8 GPUs (plain ring 52%); seed guide PCP2 1.59x at 128k"
 
 
@@ -51,14 +54,15 @@ def rank_prefill(length, hq, hkv, dqk, dv, dtype_name, method, iters, warmup, ch
     q = torch.randn(length, hq, dqk, generator=g).to(dtype)[i].contiguous()
     k = torch.randn(length, hkv, dqk, generator=g).to(dtype)[i].contiguous()
     v = torch.randn(length, hkv, dv, generator=g).to(dtype)[i].contiguous()
-    times = []
+    times, cpu = [], []
     for it in range(warmup + iters):
         _barrier()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         out = cpattn.pcp_ring_prefill(q, k, v, cu, group=None, causal=True, method=method)
-        t1 = time.perf_counter()
+        t1, c1 = time.perf_counter(), time.process_time()
         if it >= warmup:
             times.append(t1 - t0)
+            cpu.append(c1 - c0)
     lt = ring.last_times
     err = None
     if check:
@@ -72,7 +76,7 @@ def rank_prefill(length, hq, hkv, dqk, dv, dtype_name, method, iters, warmup, ch
                                       causal=True, q_positions=part.positions, dtype=dtype)
         err = ((out.double() - ref).abs().max().item(), (base.to(dtype).double() - ref).abs().max().item())
     other = times[-1] - (lt.compute_s + lt.wait_s + lt.merge_s + lt.pack_s)  # checks, agree, dispatch
-    return {"times": times, "compute_s": lt.compute_s, "wait_s": lt.wait_s, "merge_s": lt.merge_s,
+    return {"times": times, "cpu": cpu, "compute_s": lt.compute_s, "wait_s": lt.wait_s, "merge_s": lt.merge_s,
             "pack_s": lt.pack_s, "other_s": other, "err": err}
 
 
@@ -87,10 +91,11 @@ def measure(world: GlooWorld, shape, method, iters, warmup, check, timeout=900.0
     res = world.run(rank_prefill, length, hq, hkv, dqk, dv, dtype_name, method, iters, warmup, check,
                     timeout=timeout)
     per_iter = [max(r["times"][j] for r in res) for j in range(iters)]
+    cpu_iter = [max(r["cpu"][j] for r in res) for j in range(iters)]
     slow = max(res, key=lambda r: r["compute_s"] + r["wait_s"] + r["merge_s"])
     comp = [r["compute_s"] for r in res]
     row = {"shape": f"L={length} Hq={hq} Hkv={hkv} D={dqk}/{dv} {dtype_name}", "method": method,
-           "ranks": world.world_size, "times": per_iter,
+           "ranks": world.world_size, "times": per_iter, "cpus": cpu_iter,
            "compute_s": slow["compute_s"], "wait_s": slow["wait_s"], "merge_s": slow["merge_s"],
            "pack_s": slow["pack_s"], "other_s": slow["other_s"],
            "rank_compute_spread": (max(comp) - min(comp)) / max(max(comp), 1e-12)}
@@ -115,13 +120,16 @@ def bench(shapes, worlds, methods, iters, warmup, threads, check) -> list[dict]:
                     row = measure(worlds_by_n[n], shape, m, 1, warmup if rnd == 0 else 0, check and rnd == 0)
                     if (n, m) in got:
                         got[(n, m)]["times"] += row["times"]
-                        row.pop("check", None)
-                        got[(n, m)].update({k: v for k, v in row.items() if k != "times"})
+                        got[(n, m)]["cpus"] += row["cpus"]
+                        got[(n, m)].update({k: v for k, v in row.items() if k not in ("times", "cpus")})
                     else:
                         got[(n, m)] = row
             base = min(got[(1, "ring")]["times"])
+            base_cpu = min(got[(1, "ring")]["cpus"])
             for (n, m), row in got.items():
                 row["best_s"] = min(row["times"])
+                row["cpu_s"] = min(row["cpus"])
+                row["cpu_speedup"] = base_cpu / row["cpu_s"]
                 row["median_s"] = _median(row["times"])
                 row["speedup"] = base / row["best_s"]
                 row["efficiency"] = row["speedup"] / n
