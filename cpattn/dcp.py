@@ -272,7 +272,7 @@ def local_attention(p: _Plan, q, k_cache, v_cache, block_table) -> tuple[torch.T
             query_start_loc=torch.tensor([0] + sub_n, device=q.device).cumsum(0), visible_lens=p.visible[tok],
             max_query_len=max(sub_n), max_kv_len=max(p.local_host[b] for b in reqs), **kw)
         out[tok] = o
-        lse[tok] = l
+        lse[tok] = l.to(lse.dtype)  # a kernel may return a float32 LSE for float32 queries
     return out, lse
 
 
