@@ -209,7 +209,8 @@ def combine(out: torch.Tensor, lse: torch.Tensor, *, strategy: str, heads: str, 
         rows = comm.all_gather(packed, group)  # [N, bytes]
         parts = [_unpack(rows[i], (T, H), pd, (T, H, Dv), out.dtype) for i in range(n)]
         if heads == "sharded":
-            parts = [(l[:, r * S:(r + 1) * S], o[:, r * S:(r + 1) * S]) for l, o in parts]
+            # contiguous copies of this rank's heads: merge kernels may assume dense inputs
+            parts = [(l[:, r * S:(r + 1) * S].contiguous(), o[:, r * S:(r + 1) * S].contiguous()) for l, o in parts]
         return _merge([o for _, o in parts], [l for l, _ in parts], backend)
     if strategy == "lse_reduce":
         _note("combine", "all_gather", lse, n)
