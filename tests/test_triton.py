@@ -33,7 +33,7 @@ def merge_problems(draw):
     shape = draw(st.sampled_from([(3, 2), (1, 1), (5, 3), (2, 2, 2), (7,)]))
     d = draw(st.sampled_from([1, 3, 16, 40, 300]))
     dtype = draw(st.sampled_from(DTYPES))
-    layout = draw(st.sampled_from(["stacked", "list", "reversed_views"]))
+    layout = draw(st.sampled_from(["stacked", "list", "reversed_views", "head_slices"]))
     poison = draw(st.booleans())
     seed = draw(st.integers(0, 2**31 - 1))
     return n, shape, d, dtype, layout, poison, seed
@@ -57,8 +57,14 @@ def test_triton_merge_matches_reference(p):
         args = (outs, lses)
     elif layout == "list":
         args = ([o.clone() for o in outs], [l.clone() for l in lses])
-    else:  # views of one buffer in decreasing address order
+    elif layout == "reversed_views":  # views of one buffer in decreasing address order
         args = (list(outs.unbind(0))[::-1], list(lses.unbind(0))[::-1])
+    else:  # strided head slices of wider tensors (as a sharded-heads caller passes)
+        wide = torch.zeros(n, *shape[:-1], shape[-1] + 2, d, dtype=dtype, device=DEVICE)
+        wide_l = torch.zeros(n, *shape[:-1], shape[-1] + 2, device=DEVICE)
+        wide[..., 1:-1, :] = outs
+        wide_l[..., 1:-1] = lses
+        args = ([w[..., 1:-1, :] for w in wide], [w[..., 1:-1] for w in wide_l])
     got = cpattn.merge_attn_states_n(*args, backend="triton")
     ref = reference.merge_n(list(args[0]), list(args[1]))
     base = reference.merge_n(list(args[0]), list(args[1]), dtype=dtype)

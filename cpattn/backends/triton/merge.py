@@ -91,21 +91,22 @@ def _rows(t: torch.Tensor, rows: int, D: int) -> torch.Tensor:
 
 
 def _as_first_rest(ts: list[torch.Tensor], rows: int, D: int):
-    """``(first, rest, stride_n, n_rest)``: inputs 1.. must sit ``stride_n`` elements apart with
-    input 0's row stride; otherwise they are stacked (one copy)."""
+    """``(first, rest, stride_n, n_rest, keep)``: inputs 1.. must sit ``stride_n`` elements apart
+    with input 0's row stride; otherwise they are stacked (one copy). ``keep`` holds every tensor
+    the kernel will read (copies made here included) alive until it has run."""
     views = [_rows(t, rows, D) for t in ts]
     n = len(views)
     if n == 1:
-        return views[0], views[0], 0, 0
+        return views[0], views[0], 0, 0, views
     es = views[0].element_size()
     row_strides = {v.stride(0) if rows > 1 else 0 for v in views}
     deltas = [(views[i].data_ptr() - views[1].data_ptr()) for i in range(1, n)]
     step = deltas[1] if n > 2 else 0
     uniform = len(row_strides) == 1 and all(dl == i * step for i, dl in enumerate(deltas)) and step % es == 0
     if uniform:
-        return views[0], views[1], step // es, n - 1
+        return views[0], views[1], step // es, n - 1, views
     stacked = torch.stack(views)  # [N, rows, D] contiguous
-    return stacked[0], stacked[1], stacked.stride(0), n - 1
+    return stacked[0], stacked[1], stacked.stride(0), n - 1, [stacked]
 
 
 def merge(outs: list[torch.Tensor], lses: list[torch.Tensor], out: torch.Tensor, out_lse: torch.Tensor) -> None:
@@ -116,8 +117,8 @@ def merge(outs: list[torch.Tensor], lses: list[torch.Tensor], out: torch.Tensor,
     target = out.view(rows, D) if out.is_contiguous() else torch.empty(rows, D, dtype=out.dtype, device=out.device)
     lse_target = out_lse.view(rows) if out_lse.is_contiguous() else torch.empty(rows, dtype=torch.float32,
                                                                                 device=out.device)
-    first, rest, stride_n, n_rest = _as_first_rest(outs, rows, max(D, 1))
-    lfirst, lrest, lstride_n, _ = _as_first_rest([l.unsqueeze(-1) for l in lses], rows, 1)
+    first, rest, stride_n, n_rest, keep = _as_first_rest(outs, rows, max(D, 1))
+    lfirst, lrest, lstride_n, _, keep_l = _as_first_rest([l.unsqueeze(-1) for l in lses], rows, 1)
     block_r = 16
     grid = (min(triton.cdiv(rows, block_r), MAX_PROGRAMS),)
     _merge_kernel[grid](
@@ -127,6 +128,7 @@ def merge(outs: list[torch.Tensor], lses: list[torch.Tensor], out: torch.Tensor,
         rows, D, n_rest,
         BLOCK_R=block_r, BLOCK_D=min(max(triton.next_power_of_2(max(D, 1)), 16), 128),
     )
+    del keep, keep_l  # the kernel has been launched on the current stream; safe to release
     if not out.is_contiguous():
         out.copy_(target.view(out.shape))
     if not out_lse.is_contiguous():
