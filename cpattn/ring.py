@@ -70,9 +70,9 @@ def _head_major_view(q: torch.Tensor) -> torch.Tensor:
     return q.transpose(0, 1).contiguous().transpose(0, 1)
 
 
-def _kernel(q, kv, dqk, qpart, kcu, kpos, causal, scale, backend):
+def _kernel(q, k, v, qpart, kcu, kpos, causal, scale, backend):
     return dispatch(
-        "attention", backend, q=q, k=kv[..., :dqk], v=kv[..., dqk:],
+        "attention", backend, q=q, k=k, v=v,
         cu_seqlens_q=qpart.local_cu_seqlens, cu_seqlens_k=kcu,
         q_positions=qpart.positions if causal else None, k_positions=kpos if causal else None,
         causal=causal, scale=scale,
@@ -88,10 +88,17 @@ def ring_prefill(q, k, v, cu: tuple[int, ...], *, group, causal: bool, scale: fl
     parts = [_partition(cu, n, s) for s in range(n)]
     me = parts[r]
     dqk = k.shape[-1]
+    if n == 1:  # no ring: the local kernel on the inputs as they are
+        t0 = time.perf_counter()
+        out, lse = _kernel(q, k, v, me, me.local_cu_seqlens, me.positions, causal, scale, backend)
+        times.compute_s = time.perf_counter() - t0
+        times.total_s = time.perf_counter() - start
+        last_times = times
+        return out, lse
     tmax = max(p.num_tokens for p in parts)
     cur = _pack(k, v, tmax)
-    q = _head_major_view(q) if n > 1 else q
-    ring = comm.RingComm(group) if n > 1 else None
+    q = _head_major_view(q)
+    ring = comm.RingComm(group)
     times.pack_s = time.perf_counter() - start
     held = []  # partials not merged yet: the first step's, then the accumulator
     # float32 merging for 16-bit inputs, float64 for float32/float64 (no error visible at their precision)
@@ -100,16 +107,16 @@ def ring_prefill(q, k, v, cu: tuple[int, ...], *, group, causal: bool, scale: fl
     for i in range(n):
         src = (r - i) % n
         nxt = None
-        if ring is not None and i < n - 1:
+        if i < n - 1:
             nxt = ring.send_recv(cur)
             ring.commit()
         t0 = time.perf_counter()
         sp = parts[src]
-        o, l = _kernel(q, cur[: sp.num_tokens], dqk, me, sp.local_cu_seqlens, sp.positions, causal, scale, backend)
+        blk = cur[: sp.num_tokens]
+        o, l = _kernel(q, blk[..., :dqk], blk[..., dqk:], me, sp.local_cu_seqlens, sp.positions, causal, scale,
+                       backend)
         t1 = time.perf_counter()
-        if i == 0 and n == 1:
-            out, lse = o, l
-        elif i == 0:
+        if i == 0:
             held = [(o, l)]
         elif i == n - 1:  # last step: merge straight into the output dtype (one rounding)
             out, lse = _empty_like_out(o), torch.empty_like(l)
@@ -131,7 +138,7 @@ def ring_prefill(q, k, v, cu: tuple[int, ...], *, group, causal: bool, scale: fl
         times.merge_s += t2 - t1
         times.wait_s += t3 - t2
         times.steps.append((src, t1 - t0, t3 - t2))
-    times.bytes_sent = ring.bytes_sent if ring is not None else 0
+    times.bytes_sent = ring.bytes_sent
     times.total_s = time.perf_counter() - start
     last_times = times
     return out, lse
@@ -166,9 +173,11 @@ def _global_order(cu: tuple[int, ...], n: int, tmax: int) -> tuple[torch.Tensor,
 def allgather_prefill(q, k, v, cu: tuple[int, ...], *, group, causal: bool, scale: float, backend):
     """All-gather KV once, then local masked attention; same return as :func:`ring_prefill`."""
     global last_times
+    n, r = comm.world_size(group), comm.rank(group)
+    if n == 1:  # nothing to gather: the same local kernel call as the ring's
+        return ring_prefill(q, k, v, cu, group=group, causal=causal, scale=scale, backend=backend)
     times = PcpTimes(method="allgather")
     start = time.perf_counter()
-    n, r = comm.world_size(group), comm.rank(group)
     parts = [_partition(cu, n, s) for s in range(n)]
     me = parts[r]
     dqk = k.shape[-1]
@@ -181,7 +190,7 @@ def allgather_prefill(q, k, v, cu: tuple[int, ...], *, group, causal: bool, scal
     glob = gathered.reshape(n * tmax, *kv.shape[1:])[src.to(kv.device)]
     t2 = time.perf_counter()
     kcu = torch.tensor(cu, dtype=torch.int64)
-    out, lse = _kernel(q, glob, dqk, me, kcu, kpos.to(q.device), causal, scale, backend)
+    out, lse = _kernel(q, glob[..., :dqk], glob[..., dqk:], me, kcu, kpos.to(q.device), causal, scale, backend)
     t3 = time.perf_counter()
     times.pack_s = (t0 - start) + (t2 - t1)
     times.wait_s = t1 - t0
