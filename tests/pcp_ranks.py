@@ -34,6 +34,14 @@ def prefill(seed, lens, hq, hkv, dqk, dv, dtype, causal, method, scale=None, bac
     return i, out, lse
 
 
+def ring_bytes(seed, lens, hq, hkv, dqk, dv, dtype):
+    """Bytes this rank sent in one ring prefill (cpattn.ring.last_times)."""
+    from cpattn import ring
+
+    prefill(seed, lens, hq, hkv, dqk, dv, dtype, True, "ring")
+    return ring.last_times.bytes_sent
+
+
 def prefill_subgroup(seed, lens, causal, method):
     """PCP over a subgroup (the odd ranks) passed explicitly; the other ranks do nothing."""
     ranks = [r for r in range(G.WORLD) if r % 2 == 1]

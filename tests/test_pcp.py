@@ -73,6 +73,14 @@ def test_long_single_sequence_and_explicit_scale(gloo, n):
         check_rows(res, ref, torch.float32, method)
 
 
+def test_ring_sends_kv_at_its_own_head_count(gloo):
+    """GQA KV is never repeated on the wire: N-1 blocks of [Tmax, Hkv, Dqk + Dv] per rank."""
+    n, lens, hq, hkv, dqk, dv = 3, [100, 7], 8, 2, 16, 24
+    sent = gloo(n).run(pcp_ranks.ring_bytes, 1, lens, hq, hkv, dqk, dv, torch.bfloat16)
+    tmax = max(cpattn.pcp_partition(torch.tensor([0, 100, 107]), n, r).num_tokens for r in range(n))
+    assert sent == [(n - 1) * tmax * hkv * (dqk + dv) * 2] * n
+
+
 def test_reference_backend_and_mla_dims(gloo):
     lens = [50, 1, 13]
     ref = oracle(9, lens, 4, 1, 24, 16, torch.float32, True)

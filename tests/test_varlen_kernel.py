@@ -91,3 +91,20 @@ def test_reference_backend_kernel():
     ro, rl = reference.attention(q, k, v, cu_seqlens_q=cuq, cu_seqlens_k=cuk, causal=True)
     assert out.dtype == torch.float32 and lse.dtype == torch.float32
     assert torch.allclose(out.double(), ro, atol=1e-6) and torch.allclose(lse.double(), rl, atol=1e-6)
+
+
+@settings(max_examples=examples(300, 5000))
+@given(a=st.integers(0, 40), m=st.integers(1, 30), c=st.integers(0, 40), n=st.integers(1, 30))
+def test_tiles_cover_exactly_the_visible_pairs(a, m, c, n):
+    """A query run at positions [a, a+m) and a key run at [c, c+n): the tiles hold every visible
+    (query, key) pair once, and a block the causal mask hides entirely yields no tile at all."""
+    visible = {(i, j) for i in range(m) for j in range(n) if c + j <= a + i}
+    covered = []
+    for q0, q1, k0, k1, triangle in varlen._tiles((0, m, a), (0, n, c)):
+        for i in range(q0, q1):
+            for j in range(k0, k1):
+                if not triangle or (j - k0) <= (i - q0):
+                    covered.append((i, j))
+    assert len(covered) == len(set(covered)) and set(covered) == visible
+    if not visible:
+        assert varlen._tiles((0, m, a), (0, n, c)) == []
