@@ -183,7 +183,7 @@ def main(args) -> int:
     ok = True
     if args.check:
         small = [(777, 8, 2, 64, 64, args.dtype), (777, 4, 4, 192, 128, args.dtype)]
-        crows = bench(small, args.world, args.methods, 1, 0, args.threads, check=True)
+        crows = bench(small, args.world, args.methods, 1, 1, args.threads, check=True)
         print_table(crows, COLUMNS, "pcp --check (L=777, against the float64 oracle)")
         ok = all(str(r["check"]).startswith("ok") for r in crows)
     rows = bench(_shapes(args), args.world, args.methods, args.iters, args.warmup, args.threads, check=False)
