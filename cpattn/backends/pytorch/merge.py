@@ -45,14 +45,23 @@ def merge(outs: list[torch.Tensor], lses: list[torch.Tensor], out: torch.Tensor,
     empty = frac <= 0
     mask = True if out.device.type != "cpu" else bool(empty.any())
     step = max(1, _CHUNK_ELEMS // max(D, 1))
+    # Two chunk-sized float32 buffers for the whole call (no allocation per chunk and input).
+    acc_buf = torch.empty(min(step, rows), D, dtype=frac.dtype, device=out.device)
+    tmp_buf = torch.empty_like(acc_buf) if mask else None
     for r0 in range(0, rows if D else 0, step):
         r1 = min(rows, r0 + step)
-        acc = None
-        for o, f, e in zip(flat_in, frac, empty):
-            c = torch.mul(o[r0:r1], f[r0:r1])  # float32: f is float32
-            if mask:
+        acc = acc_buf[: r1 - r0]
+        for i, (o, f, e) in enumerate(zip(flat_in, frac, empty)):
+            if mask:  # weight 0 must contribute 0 even where the row holds NaN
+                c = acc if i == 0 else tmp_buf[: r1 - r0]
+                torch.mul(o[r0:r1], f[r0:r1], out=c)
                 c.masked_fill_(e[r0:r1], 0.0)
-            acc = c if acc is None else acc.add_(c)
+                if i:
+                    acc.add_(c)
+            elif i == 0:
+                torch.mul(o[r0:r1], f[r0:r1], out=acc)
+            else:
+                acc.addcmul_(o[r0:r1], f[r0:r1])
         target[r0:r1] = acc
     if not out.is_contiguous():
         out.copy_(target.view(out.shape))
