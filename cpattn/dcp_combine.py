@@ -38,6 +38,7 @@ import torch
 
 from . import comm
 from .backends import Backend, dispatch
+from .backends.pytorch.merge import merge as wide_merge
 from .backends.pytorch.merge import merge_weights  # the merge's own weights: lse_reduce rescales exactly as it
 
 __all__ = ["STRATEGIES", "ALL_GATHER_MAX_BYTES", "allowed", "default_strategy", "combine", "count_bytes",
@@ -168,21 +169,17 @@ def _numel(shape) -> int:
 
 
 def _merge(outs, lses, backend):
-    """N-way merge: the merge kernel for float32 LSEs; for float64 partial LSEs (float32 queries)
-    the same maths in float64 here (the kernels take float32 LSEs only). Returns float32 LSE."""
-    if lses[0].dtype == torch.float32:
-        out = torch.empty(outs[0].shape, dtype=outs[0].dtype, device=outs[0].device)
-        lse = torch.empty(outs[0].shape[:-1], dtype=torch.float32, device=outs[0].device)
-        if isinstance(backend, Backend):
-            backend.run("merge", outs=list(outs), lses=list(lses), out=out, out_lse=lse)
-        else:
-            dispatch("merge", backend, outs=list(outs), lses=list(lses), out=out, out_lse=lse)
-        return out, lse
-    frac, lse = merge_weights(list(lses))
-    acc = torch.zeros(outs[0].shape, dtype=lses[0].dtype, device=outs[0].device)
-    for o, f in zip(outs, frac):
-        acc += (o.to(acc.dtype) * f[..., None]).masked_fill_((f <= 0)[..., None], 0.0)  # empty rows: 0, never NaN
-    return acc.to(outs[0].dtype), lse.float()
+    """N-way merge into a new ``(out, float32 lse)``: float32 partial LSEs on the requested merge
+    kernel; float64 ones (float32 queries) on the PyTorch kernel, the one that merges in float64."""
+    out = torch.empty(outs[0].shape, dtype=outs[0].dtype, device=outs[0].device)
+    lse = torch.empty(outs[0].shape[:-1], dtype=lses[0].dtype, device=outs[0].device)
+    if lses[0].dtype == torch.float64:
+        wide_merge(list(outs), list(lses), out, lse)
+    elif isinstance(backend, Backend):
+        backend.run("merge", outs=list(outs), lses=list(lses), out=out, out_lse=lse)
+    else:
+        dispatch("merge", backend, outs=list(outs), lses=list(lses), out=out, out_lse=lse)
+    return out, lse.float()
 
 
 def combine(out: torch.Tensor, lse: torch.Tensor, *, strategy: str, heads: str, group=None,

@@ -185,6 +185,10 @@ def run(q, k, v, cu_seqlens, group_name: str, causal: bool, scale, method: str, 
         scale_v = V.scale_value(OP, scale, q.shape[2])
         select("attention", backend, dict(q=q, k=k, v=v, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens,
                                           causal=causal, scale=scale_v))
+        if n > 1 or context is not None:  # the merges' backend too: refuse now, not between two collectives
+            o = q.new_empty(q.shape[0], q.shape[1], v.shape[2])
+            lz = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
+            select("merge", backend, {"outs": [o, o], "lses": [lz, lz], "out": o, "out_lse": lz})
     except (TypeError, ValueError, BackendError) as exc:
         error = exc
     comm.agree(OP, error, agreed_fields(q, k, v, cu_seqlens, causal, scale, method, backend, context), group)

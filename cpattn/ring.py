@@ -32,6 +32,7 @@ import torch
 
 from . import comm
 from .backends import dispatch
+from .backends.pytorch.merge import merge as wide_merge
 from .partition import _partition
 
 __all__ = ["PcpTimes", "last_times", "ring_prefill", "allgather_prefill"]
@@ -149,10 +150,15 @@ def _empty_like_out(o: torch.Tensor) -> torch.Tensor:
 
 
 def _merge(partials, out, out_lse, backend, dtype) -> None:
-    """Exact merge of ``[(o, l), ...]`` into ``out``/``out_lse`` (may be one of the inputs) with the
-    backend's merge kernel; weights and accumulation in ``dtype`` (float32 or float64)."""
-    dispatch("merge", backend, outs=[o for o, _ in partials], lses=[l.to(dtype) for _, l in partials],
-             out=out, out_lse=out_lse)
+    """Exact merge of ``[(o, l), ...]`` into ``out``/``out_lse`` (may be one of the inputs); weights
+    and accumulation in ``dtype``. float32: the requested backend's merge kernel; float64 (float32
+    inputs): the PyTorch kernel, which merges in float64 on any device (Triton has no float64)."""
+    lses = [l.to(dtype) for _, l in partials]
+    outs = [o for o, _ in partials]
+    if dtype == torch.float64:
+        wide_merge(outs, lses, out, out_lse)
+    else:
+        dispatch("merge", backend, outs=outs, lses=lses, out=out, out_lse=out_lse)
 
 
 @lru_cache(maxsize=32)

@@ -210,3 +210,17 @@ def test_varlen_kernel_matches_reference(seed, lens, hkv, group, dims, dtype, ca
     bo, bl = reference.attention(q, k, v, **kw, dtype=dtype)
     assert_close(out.cpu(), ro, bo.to(dtype), dtype=dtype)
     assert_close(lse.cpu(), rl, bl, dtype=torch.float32, what="lse")
+
+
+@pytest.mark.distributed
+@settings(max_examples=examples(8, 100))
+@given(n=st.integers(1, 3), lens=st.lists(st.integers(1, 48), min_size=1, max_size=3),
+       hkv=st.sampled_from([1, 2]), dtype=st.sampled_from(["float32", "bfloat16"]), causal=st.booleans(),
+       method=st.sampled_from(["ring", "allgather"]), seed=st.integers(0, 10_000))
+def test_pcp_on_triton_kernels_matches_oracle(gloo, n, lens, hkv, dtype, causal, method, seed):
+    """The whole PCP op with backend="triton" on gloo ranks (varlen kernel + merges)."""
+    _backend_ok()
+    dt = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    hq, dqk, dv = 2 * hkv, 24, 16
+    res = gloo(n).run(pcp_ranks.prefill, seed, lens, hq, hkv, dqk, dv, dt, causal, method, backend="triton")
+    check_rows(res, oracle(seed, lens, hq, hkv, dqk, dv, dt, causal), dt, f"triton {method}")

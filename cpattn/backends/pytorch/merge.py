@@ -36,6 +36,10 @@ def merge_weights(lses: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def merge(outs: list[torch.Tensor], lses: list[torch.Tensor], out: torch.Tensor, out_lse: torch.Tensor) -> None:
+    """The ``merge`` kernel. Beyond the registry's float32 contract it also takes float64 LSEs
+    (weights and accumulation then run in float64, and ``out``/``out_lse`` may be float64): the
+    float64 accumulators that DCP and PCP keep for float32 inputs merge here, on any device,
+    whatever backend runs the attention kernels (Triton has no float64)."""
     frac, merged_lse = merge_weights(lses)
     D = out.shape[-1]
     rows = out_lse.numel()
