@@ -53,10 +53,12 @@ def pcp_ring_prefill(
         causal: a query sees the keys of its own sequence at positions ``<=`` its own.
         scale: score scale, ``1/sqrt(Dqk)`` when None.
         method: ``"ring"`` (pass-KV ring, N-1 block transfers overlapped with compute, partials
-            merged in float32; KV memory of two blocks) or ``"allgather"`` (one all-gather of
-            KV, then local masked attention; KV memory of the whole prompt).
+            merged in float32, float64 for float32/float64 input; KV memory of two blocks) or
+            ``"allgather"`` (one all-gather of KV, then local masked attention; KV memory of the
+            whole prompt).
         return_lse: also return the LSE.
-        backend: local kernel backend (``"pytorch"``, ``"reference"``) or None (automatic).
+        backend: local kernel backend (``"pytorch"``, ``"reference"``, ``"triton"``) or None
+            (automatic).
         context: optional :class:`cpattn.PcpContext`, this rank's DCP-layout paged cache of the
             tokens cached before each request's prompt (prefix caching, chunked prefill). Request
             ``b``'s prompt then sits at global positions ``context_lens[b] + p`` and every prompt
@@ -110,10 +112,15 @@ def pcp_ring_prefill(
         comm.agree(OP, exc, agreed_fields(q, k, v, cu_seqlens, causal, scale, method, backend, context), group)
         raise  # unreachable: agree re-raises
     c = context
-    out, lse = torch.ops.cpattn.pcp_ring_prefill(
-        q, k, v, cu_seqlens, comm.group_name(group), causal, None if scale is None else float(scale), method, backend,
-        *((None, None, None, None, 1) if c is None else (c.k_cache, c.v_cache, c.block_table, c.context_lens, c.interleave)),
-    )
+    args = (q, k, v, cu_seqlens, comm.group_name(group), causal, None if scale is None else float(scale), method,
+            backend, *((None, None, None, None, 1) if c is None else
+                       (c.k_cache, c.v_cache, c.block_table, c.context_lens, c.interleave)))
+    devices = {t.device for t in args if isinstance(t, torch.Tensor)}
+    # Mixed devices (e.g. one tensor on "meta") would make the dispatcher run another device's
+    # kernel (the fake one) on this rank only, which skips the agreement the other ranks wait in;
+    # run the implementation directly so the error reaches every rank (as dcp_decode_attention).
+    op = torch.ops.cpattn.pcp_ring_prefill if len(devices) <= 1 else run
+    out, lse = op(*args)
     return (out, lse) if return_lse else out
 
 

@@ -87,6 +87,8 @@ def bad_input(kind: str, method: str):
         method = "gather"
     elif kind == "kv_rows" and spoil:
         v = v[:-1]
+    elif kind == "device" and spoil:  # one tensor on another device: must not reach the fake kernel alone
+        v = v.to("meta")
     cpattn.pcp_ring_prefill(q, k, v, cu, group=None, causal=True, method=method)
     return "no error"
 

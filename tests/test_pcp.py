@@ -118,6 +118,7 @@ BAD = {
     "not_tensor": ("TypeError", "q must be a torch.Tensor"),
     "method": ("ValueError", "method"),
     "kv_rows": ("ValueError", "same .* tokens"),
+    "device": ("ValueError", "device"),
 }
 
 
