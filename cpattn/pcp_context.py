@@ -126,7 +126,7 @@ def context_attention(q, ctx: PcpContext, lens: tuple[int, ...], cu: tuple[int, 
         sel = ids[c0:c0 + CHUNK_TOKENS]
         o, l = dcp_decode_attention(
             q_all[sel.to(q.device)].contiguous(), ctx.k_cache, ctx.v_cache,
-            table[seq_of[sel].to(table.device)].contiguous(), ctx_of[sel].to(ctx.context_lens.dtype),
+            table[seq_of[sel].to(table.device)].contiguous(), ctx_of[sel].to(device=q_all.device, dtype=ctx.context_lens.dtype),
             group=group, interleave=ctx.interleave, scale=scale, v_head_dim=dv if ctx.v_cache is None else None,
             return_lse=True, backend=backend,
         )
