@@ -169,6 +169,6 @@ def run(op: str, outs: list, lses: list, out, out_lse, backend) -> None:
 
 
 def _run_checked(op: str, outs: list, lses: list, out, out_lse, backend) -> None:
-    check_aliasing(op, list(outs), out, "out")
-    check_aliasing(op, list(lses), out_lse, "out_lse")
+    check_aliasing(op, list(outs) + list(lses), out, "out")
+    check_aliasing(op, list(outs) + list(lses), out_lse, "out_lse")
     dispatch("merge", backend, outs=list(outs), lses=list(lses), out=out, out_lse=out_lse)

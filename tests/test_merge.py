@@ -366,3 +366,11 @@ def test_torch_compile_inductor_fullgraph():
     exp = cpattn.merge_attn_states(a, la, b, lb)
     got = torch.compile(cpattn.merge_attn_states, fullgraph=True)(a, la, b, lb)
     assert torch.equal(got[0], exp[0]) and torch.equal(got[1], exp[1])
+
+
+def test_output_buffer_overlapping_the_other_kind_of_input_is_refused():
+    a, la, b, lb = _ok()
+    flat = torch.randn(3 * 2 * 4)
+    out_lse_inside_out_b = flat[:6].view(3, 2)
+    with pytest.raises(ValueError, match="out_lse partially overlaps"):
+        cpattn.merge_attn_states(a, la, flat.view(3, 2, 4), lb, out_lse=out_lse_inside_out_b)
