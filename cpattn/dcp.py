@@ -70,7 +70,7 @@ def dcp_decode_attention(
             picks :func:`cpattn.dcp_combine.default_strategy` (by head mode and payload size).
             All give the same result up to rounding.
         return_lse: also return the LSE.
-        backend: local-kernel backend (``"pytorch"``, ``"reference"``; None: automatic).
+        backend: local-kernel backend (``"pytorch"``, ``"reference"``, ``"triton"``; None: automatic).
 
     Returns:
         ``out [T, Hq_out, Dv]`` in ``q``'s dtype, ``Hq_out = Hq`` (replicated) or ``Hq/N``

@@ -1,7 +1,7 @@
 """Combining the per-rank partial results of DCP decode into the attention over the whole cache.
 
-Every rank holds ``out [T, H, Dv]`` (query dtype) and ``lse [T, H]`` (float32, natural log,
-``(0, -inf)`` for a query that saw no local key) for all ``H`` heads over its own shard of the
+Every rank holds ``out [T, H, Dv]`` (query dtype) and ``lse [T, H]`` (natural log, float32, or
+float64 for float32 queries (:func:`partial_dtype`); ``(0, -inf)`` for a query that saw no local key) for all ``H`` heads over its own shard of the
 KV cache. The exact result is their N-way LSE merge (:mod:`cpattn.lse`). Strategies, with the
 bytes each rank sends (``N`` ranks, ``e`` bytes per element of the query dtype, ``a`` bytes per
 partial LSE and per summed element: 4, or 8 for float32 queries (:func:`partial_dtype`);
