@@ -52,12 +52,10 @@ def rank(group=None) -> int:
     return dist.get_rank(group) if _initialized() else 0
 
 
-def _comm_device(group, like: torch.Tensor | None = None) -> torch.device:
-    """Device for small metadata tensors: CPU for gloo, the data's device otherwise."""
+def _comm_device(group) -> torch.device:
+    """Device for small metadata tensors: CPU for gloo, the backend's current device otherwise."""
     backend = dist.get_backend(group)
-    if backend == "gloo" or like is None:
-        return torch.device("cpu") if backend == "gloo" else torch.device(_default_device(backend))
-    return like.device
+    return torch.device("cpu") if backend == "gloo" else torch.device(_default_device(backend))
 
 
 def _default_device(backend: str) -> str:

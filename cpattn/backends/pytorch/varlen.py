@@ -164,10 +164,13 @@ def _fill_uncovered(out, lse, covered, cu_q) -> None:
 
 
 def _merge_into(acc, acc_lse, o, l) -> None:
-    """``(acc, acc_lse) <- merge((acc, acc_lse), (o, l))`` in acc's dtype; ``l`` is finite."""
+    """``(acc, acc_lse) <- merge((acc, acc_lse), (o, l))`` in acc's dtype. Tiles only ever hold
+    rows that see a key (finite ``l``); should both sides be empty, the row stays ``(0, -inf)``
+    rather than turning NaN."""
     new = torch.logaddexp(acc_lse, l)
-    acc.mul_(torch.exp(acc_lse - new).unsqueeze(-1))
-    acc.add_(o * torch.exp(l - new).unsqueeze(-1))
+    shift = new.masked_fill(torch.isneginf(new), 0.0)
+    acc.mul_(torch.exp(acc_lse - shift).unsqueeze(-1))
+    acc.add_(o * torch.exp(l - shift).unsqueeze(-1))
     acc_lse.copy_(new)
 
 
