@@ -18,26 +18,18 @@ from . import merge as _merge
 # ---------------------------------------------------------------- merge_attn_states (2-way)
 
 
-def _alloc_merge(outs: list[Tensor]) -> tuple[Tensor, Tensor]:
-    out = torch.empty_like(outs[0], memory_format=torch.contiguous_format)
-    lse = torch.empty(outs[0].shape[:-1], dtype=torch.float32, device=outs[0].device)
-    return out, lse
-
-
 @custom_op("cpattn::merge_attn_states", mutates_args=())
 def merge_attn_states(
     out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor, backend: Optional[str] = None
 ) -> tuple[Tensor, Tensor]:
-    _merge.validate("merge_attn_states", [out_a, out_b], [lse_a, lse_b])
-    out, lse = _alloc_merge([out_a, out_b])
-    _merge.run("merge_attn_states", [out_a, out_b], [lse_a, lse_b], out, lse, backend)
+    out, lse = _merge._out_buffers("merge_attn_states", [out_a, out_b], [lse_a, lse_b], None, None)  # validates
+    _merge._run_checked("merge_attn_states", [out_a, out_b], [lse_a, lse_b], out, lse, backend)
     return out, lse
 
 
 @register_fake("cpattn::merge_attn_states")
 def _(out_a, lse_a, out_b, lse_b, backend=None):
-    _merge.validate("merge_attn_states", [out_a, out_b], [lse_a, lse_b])
-    return _alloc_merge([out_a, out_b])
+    return _merge._out_buffers("merge_attn_states", [out_a, out_b], [lse_a, lse_b], None, None)
 
 
 @custom_op("cpattn::merge_attn_states_out", mutates_args=("out", "out_lse"))
@@ -58,16 +50,14 @@ def _(out_a, lse_a, out_b, lse_b, out, out_lse, backend=None):
 
 @custom_op("cpattn::merge_attn_states_n", mutates_args=())
 def merge_attn_states_n(outs: list[Tensor], lses: list[Tensor], backend: Optional[str] = None) -> tuple[Tensor, Tensor]:
-    _merge.validate("merge_attn_states_n", outs, lses)
-    out, lse = _alloc_merge(outs)
-    _merge.run("merge_attn_states_n", outs, lses, out, lse, backend)
+    out, lse = _merge._out_buffers("merge_attn_states_n", outs, lses, None, None)  # validates
+    _merge._run_checked("merge_attn_states_n", outs, lses, out, lse, backend)
     return out, lse
 
 
 @register_fake("cpattn::merge_attn_states_n")
 def _(outs, lses, backend=None):
-    _merge.validate("merge_attn_states_n", outs, lses)
-    return _alloc_merge(outs)
+    return _merge._out_buffers("merge_attn_states_n", outs, lses, None, None)
 
 
 @custom_op("cpattn::merge_attn_states_n_out", mutates_args=("out", "out_lse"))
