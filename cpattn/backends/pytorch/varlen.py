@@ -32,6 +32,8 @@ import math
 
 import torch
 
+from ..positions import default_positions
+
 from .merge import merge as _merge_kernel
 
 USE_ATEN_FLASH = True
@@ -174,17 +176,6 @@ def _merge_into(acc, acc_lse, o, l) -> None:
     acc_lse.copy_(new)
 
 
-def _default_positions(cu_q: list[int], cu_k: list[int], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keys ``0..Lk-1``; queries bottom-right aligned ``Lk-Lq..Lk-1`` (as the reference)."""
-    qp, kp = [], []
-    for b in range(len(cu_q) - 1):
-        lq, lk = cu_q[b + 1] - cu_q[b], cu_k[b + 1] - cu_k[b]
-        qp.append(torch.arange(lk - lq, lk, device=device))
-        kp.append(torch.arange(lk, device=device))
-    z = torch.zeros(0, dtype=torch.int64, device=device)
-    return (torch.cat(qp) if qp else z), (torch.cat(kp) if kp else z)
-
-
 def attention(q, k, v, cu_seqlens_q, cu_seqlens_k, q_positions=None, k_positions=None, causal=False, scale=None):
     """Varlen attention of ``q`` over ``k, v`` with an optional causal mask on explicit positions.
 
@@ -230,7 +221,7 @@ def attention(q, k, v, cu_seqlens_q, cu_seqlens_k, q_positions=None, k_positions
 
     if causal:
         if q_positions is None or k_positions is None:
-            dq, dk = _default_positions(cu_q, cu_k, q.device)
+            dq, dk = default_positions(cu_q, cu_k, q.device)
             q_positions = dq if q_positions is None else q_positions
             k_positions = dk if k_positions is None else k_positions
         q_runs, k_runs = _runs(q_positions, cu_q), _runs(k_positions, cu_k)

@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..positions import default_positions
 from .softmax import finish, online_step
 
 MAX_PROGRAMS = 65535
@@ -106,15 +107,9 @@ def check(q, k, v, cu_seqlens_q, cu_seqlens_k, q_positions=None, k_positions=Non
 
 
 def _positions(cu_q: list[int], cu_k: list[int], q_positions, k_positions, device):
-    """int32 positions; defaults as the reference (keys 0..Lk-1, queries bottom-right)."""
+    """int32 positions; the defaults are the reference's (keys 0..Lk-1, queries bottom-right)."""
     if q_positions is None or k_positions is None:
-        qp, kp = [], []
-        for b in range(len(cu_q) - 1):
-            lq, lk = cu_q[b + 1] - cu_q[b], cu_k[b + 1] - cu_k[b]
-            qp.append(torch.arange(lk - lq, lk))
-            kp.append(torch.arange(lk))
-        z = torch.zeros(0, dtype=torch.int64)
-        dq, dk = (torch.cat(qp) if qp else z), (torch.cat(kp) if kp else z)
+        dq, dk = default_positions(cu_q, cu_k, device)
         q_positions = dq if q_positions is None else q_positions
         k_positions = dk if k_positions is None else k_positions
     return q_positions.to(device=device, dtype=torch.int32), k_positions.to(device=device, dtype=torch.int32)
