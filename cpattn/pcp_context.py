@@ -56,8 +56,9 @@ class PcpContext:
     interleave: int = 1
 
 
-def validate(op: str, ctx: PcpContext, q, k, v, num_seqs: int) -> tuple[int, ...]:
-    """Local checks of the context against the prompt; returns ``context_lens`` as ints."""
+def check_caches(op: str, ctx, q, k, v) -> None:
+    """The context caches against the prompt's ``q, k, v`` (dtype, device, heads, head dims): shapes
+    only, no values read (also ``PcpPrefillPlan.run``'s check)."""
     V.tensor(op, "context.k_cache", ctx.k_cache, dim=4)
     if ctx.k_cache.dtype != q.dtype:
         raise TypeError(f"{op}: context.k_cache must have q's dtype {q.dtype}; got {ctx.k_cache.dtype}")
@@ -77,6 +78,11 @@ def validate(op: str, ctx: PcpContext, q, k, v, num_seqs: int) -> tuple[int, ...
     elif v.shape[2] > k.shape[2]:
         raise ValueError(f"{op}: context.v_cache=None reads V as the first Dv={v.shape[2]} channels of K, "
                          f"so Dv must be <= Dqk={k.shape[2]}")
+
+
+def validate(op: str, ctx: PcpContext, q, k, v, num_seqs: int) -> tuple[int, ...]:
+    """Local checks of the context against the prompt; returns ``context_lens`` as ints."""
+    check_caches(op, ctx, q, k, v)
     V.tensor(op, "context.block_table", ctx.block_table, dim=2, dtypes=V.INDEX_DTYPES)
     V.tensor(op, "context.context_lens", ctx.context_lens, dim=1, dtypes=V.INDEX_DTYPES)
     for name, t in (("block_table", ctx.block_table), ("context_lens", ctx.context_lens)):

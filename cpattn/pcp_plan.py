@@ -242,10 +242,13 @@ class PcpPrefillPlan:
             raise ValueError(f"{OP}.run: this rank holds {rows} rows of the planned batch; got q {q.shape[0]}, "
                              f"k {k.shape[0]}, v {v.shape[0]}")
         if step.ctx_plan is not None:
-            pcp_context.validate(f"{OP}.run", step.context if context_cache is None else
-                                 pcp_context.PcpContext(*context_cache, step.context.block_table,
-                                                        step.context.context_lens, step.context.interleave),
-                                 q, k, v, len(step.sched.cu) - 1)
+            c = step.context
+            if context_cache is not None:
+                c = pcp_context.PcpContext(*context_cache, c.block_table, c.context_lens, c.interleave)
+                if tuple(c.k_cache.shape[:2]) != tuple(step.context.k_cache.shape[:2]):
+                    raise ValueError(f"{OP}.run: context_cache must have the planned cache's blocks "
+                                     f"{tuple(step.context.k_cache.shape[:2])}; got {tuple(c.k_cache.shape)}")
+            pcp_context.check_caches(f"{OP}.run", c, q, k, v)
         scale = V.scale_value(OP, self.scale, q.shape[2])
         self._runs += 1
         with no_host_reads():
