@@ -202,7 +202,6 @@ class DcpDecodePlan:
                                        cfg.max_num_tokens, cfg.max_blocks_per_seq, cfg.device)
         self._backend = _get(cfg.kernel_backend)
         self._merge_backend = None if cfg.merge_backend is None else _get(cfg.merge_backend)
-        self._runs = 0  # run() calls since the last plan(), agreed at the next plan()
         #: Use the maximum sizes for the kernels' host bounds in every run (set it for graph
         #: capture on devices other than CUDA; CUDA capture is detected automatically).
         self.static_bounds = False
@@ -222,9 +221,8 @@ class DcpDecodePlan:
                 ``qsl[b]:qsl[b+1]`` of ``q``, its last ``n_b`` tokens); None: one token each.
                 ``T = qsl[-1] <= max_num_tokens``.
 
-        Raises TypeError/ValueError on EVERY rank when any rank's input is bad, when ranks
-        disagree (lengths, call order), or when the ranks ran different numbers of layers since
-        the previous ``plan()``; the buffers keep the previous step's values then.
+        Raises TypeError/ValueError on EVERY rank when any rank's input is bad or ranks disagree
+        (lengths, call order); the buffers keep the previous step's values then.
         """
         comm.check_group(f"{OP}.plan", self.group)  # destroyed since construction: raise here
         seq = comm.next_call(self.group)
@@ -235,7 +233,6 @@ class DcpDecodePlan:
             err = exc
         comm.agree(f"{OP}.plan", err, self._step_fields(seq_lens, query_start_loc), self.group, seq)
         dcp_meta.commit(self._meta, prep)
-        self._runs = 0
         return self
 
     def _prepare(self, seq_lens, block_table, query_start_loc, num_blocks: int | None = None, op: str = f"{OP}.plan"):
@@ -248,8 +245,7 @@ class DcpDecodePlan:
 
     def _step_fields(self, seq_lens, query_start_loc) -> dict:
         return {"plan": _fingerprint_cfg(getattr(self, "config", None)),
-                "seq_lens": _values(seq_lens), "query_start_loc": _values(query_start_loc),
-                "run() calls since the previous plan() (layers run per step)": self._runs}
+                "seq_lens": _values(seq_lens), "query_start_loc": _values(query_start_loc)}
 
     @property
     def num_tokens(self) -> int:
@@ -311,7 +307,6 @@ class DcpDecodePlan:
         Tp = q.shape[0]
         if Tp < m.T:
             raise ValueError(f"{OP}.run: q has {Tp} rows but the plan has {m.T} query tokens")
-        self._runs += 1
         if Tp == 0:
             return self.empty_outputs(q)
         static = self.static_bounds or dcp_meta.capturing(q)
