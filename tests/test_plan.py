@@ -55,7 +55,7 @@ def check_dcp(steps, pad, results, combine):
                 assert torch.isneginf(lse[T:]).all(), what + ": padded rows must have LSE -inf"
 
 
-@settings(max_examples=examples(8, 300))
+@settings(max_examples=examples(6, 300))
 @given(series=step_series())
 def test_dcp_plan_run_matches_op_and_oracle(gloo, series):
     steps, pad = series
@@ -129,9 +129,9 @@ _PCP = [
 ]
 
 
-@pytest.mark.parametrize("world", [1, 2, 3])
-@pytest.mark.parametrize("method", ["ring", "allgather"])
-@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("world, method, causal", [
+    (1, "ring", True), (2, "ring", True), (3, "ring", True), (2, "allgather", True), (3, "allgather", True),
+    (2, "ring", False), (3, "allgather", False)])
 def test_pcp_plan_run_matches_op_and_oracle(gloo, world, method, causal):
     """Five batches through one plan (other lengths and batch sizes, with and without cached
     context), run() under the patched host-sync calls; restore() gives the global order."""
