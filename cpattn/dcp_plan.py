@@ -10,6 +10,7 @@ Engine wiring: ``docs/serving.md``.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import weakref
 from dataclasses import dataclass
@@ -310,7 +311,7 @@ class DcpDecodePlan:
         if Tp == 0:
             return self.empty_outputs(q)
         static = self.static_bounds or dcp_meta.capturing(q)
-        ctx = no_host_reads() if sync_free else _nullcontext()
+        ctx = no_host_reads() if sync_free else contextlib.nullcontext()
         with ctx:
             q_all = dcp_combine.gather_heads(q, self.group) if cfg.heads == "sharded" else q
             out, lse = dcp_meta.attend(m, self._backend, q_all, k_cache, v_cache, scale=cfg.scale,
@@ -323,14 +324,6 @@ class DcpDecodePlan:
         cfg = self.config
         return (q.new_zeros(q.shape[0], cfg.heads_in, cfg.v_head_dim),
                 torch.full((q.shape[0], cfg.heads_in), float("-inf"), dtype=torch.float32, device=q.device))
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 def _get(name: str):
@@ -354,10 +347,8 @@ def _values(x):
 
 
 def _config_fields(cfg: Config | None) -> dict:
-    keys = list(Config.fields(_DUMMY)) if cfg is None else None
-    if cfg is None:
-        return {k: "?" for k in keys}
-    return cfg.fields()
+    """The agreed fields; a rank whose validation failed sends the same keys (agree is a collective)."""
+    return {k: "?" for k in _DUMMY.fields()} if cfg is None else cfg.fields()
 
 
 def _fingerprint_cfg(cfg: Config | None):
