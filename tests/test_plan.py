@@ -20,6 +20,7 @@ from test_dcp import cases, oracle
 from tolerance import assert_close
 
 pytestmark = pytest.mark.distributed
+TIMEOUT = 180  # seconds per multi-step call on a shared 2-core machine (a hang still fails)
 
 
 @st.composite
@@ -61,7 +62,7 @@ def test_dcp_plan_run_matches_op_and_oracle(gloo, series):
     steps, pad = series
     heads = steps[0]["heads"]
     for combine in dcp_combine.allowed(heads):
-        res = gloo(steps[0]["world"]).run(dcp_steps, steps, pad, combine, True)
+        res = gloo(steps[0]["world"]).run(dcp_steps, steps, pad, combine, True, timeout=TIMEOUT)
         check_dcp(steps, pad, res, combine)
 
 
@@ -80,7 +81,7 @@ def test_dcp_every_path_without_host_sync(gloo, world, heads, mla):
     steps = [{**_BASE, **over, "seed": s, "world": world, "mla": mla, "heads": heads, "hq": hq, "lens": l, "nq": n}
              for s, (l, n) in enumerate(_LENS)]
     for combine in dcp_combine.allowed(heads):
-        check_dcp(steps, 2, gloo(world).run(dcp_steps, steps, 2, combine, True), combine)
+        check_dcp(steps, 2, gloo(world).run(dcp_steps, steps, 2, combine, True, timeout=TIMEOUT), combine)
 
 
 def test_dcp_world_one_no_group():
@@ -136,14 +137,14 @@ def test_pcp_plan_run_matches_op_and_oracle(gloo, world, method, causal):
     """Five batches through one plan (other lengths and batch sizes, with and without cached
     context), run() under the patched host-sync calls; restore() gives the global order."""
     batches = [{**b, "causal": causal} for b in _PCP]
-    check_pcp(batches, gloo(world).run(pcp_steps, batches, method, True))
+    check_pcp(batches, gloo(world).run(pcp_steps, batches, method, True, timeout=TIMEOUT))
 
 
 def test_pcp_plan_mla_dims_and_bf16(gloo):
     batches = [dict(seed=s, lens=l, ctx=c, hq=4, hkv=1, dqk=24, dv=16, dtype="bfloat16", causal=True, mla=True)
                for s, l, c in [(7, [30, 2], [9, 0]), (8, [50], [23])]]
-    check_pcp(batches, gloo(2).run(pcp_steps, batches, "ring", True))
-    check_pcp(batches, gloo(2).run(pcp_steps, batches, "allgather", True))
+    check_pcp(batches, gloo(2).run(pcp_steps, batches, "ring", True, timeout=TIMEOUT))
+    check_pcp(batches, gloo(2).run(pcp_steps, batches, "allgather", True, timeout=TIMEOUT))
 
 
 def test_guard_catches_the_one_call_ops():
