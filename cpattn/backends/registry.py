@@ -10,7 +10,8 @@ it cannot run a given input (empty list: it can). Dispatch:
   input, :class:`BackendError` lists every backend's reasons.
 
 Backends are imported lazily, so an optional one (Triton, AscendC) whose dependencies are
-missing only reports "not importable: ..." as its reason and never breaks ``import cpattn``.
+missing only reports "not importable: ..." (or, for AscendC, "extension not built ...") as its
+reason and never breaks ``import cpattn``.
 
 Kernel signatures (internal, after the public layer validated the input):
 
@@ -49,6 +50,7 @@ ENV_VAR = "CPATTN_BACKEND"
 # Module that defines each backend (as a module-level ``BACKEND``), in automatic-choice order:
 # fastest first, the float64 oracle last.
 _MODULES = {
+    "ascendc": "cpattn.backends.ascendc",
     "triton": "cpattn.backends.triton",
     "pytorch": "cpattn.backends.pytorch",
     "reference": "cpattn.backends.reference",
