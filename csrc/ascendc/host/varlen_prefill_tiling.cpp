@@ -13,7 +13,7 @@ std::string VarlenPrefillTilingFor(const VarlenPrefillShape& s, uint32_t vectorC
   const uint32_t group = s.hq / s.hkv;
   // Query tokens per item: up to 16 (K/V are read once per item, so more tokens = less traffic);
   // key tiles up to 64 (one vector repeat per score row).
-  std::string why = ChooseAttnTile(t.tile, s.dtype, s.maxSeqQ == 0 ? 1 : s.maxSeqQ, group, kMaxKeyTile, s.dqk, s.dv, false);
+  std::string why = ChooseAttnTile(t.tile, s.dtype, s.maxSeqQ == 0 ? 1 : s.maxSeqQ, group, kMaxKeyTile, s.dqk, s.dv, false, true);
   if (!why.empty()) return "varlen_prefill: " + why;
   t.numTokensQ = s.numTokensQ;
   t.numTokensK = s.numTokensK;
