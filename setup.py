@@ -83,7 +83,9 @@ setup(
     python_requires=">=3.10",
     # torch is pinned loosely on purpose: install the build you want (CPU, CUDA, NPU) first;
     # .ci/run installs the CPU build before this package so pip never pulls a CUDA build.
-    install_requires=["torch>=2.4", "numpy"],
+    # ninja: torch.utils.cpp_extension builds the AscendC emulation extension (backend
+    # "ascendc_emu") with it on first use; the machine's C++ compiler is the only other need.
+    install_requires=["torch>=2.4", "numpy", "ninja"],
     extras_require={
         "test": ["pytest>=7", "hypothesis>=6.100", "pytest-timeout>=2"],
         "triton": ["triton>=3.2"],

@@ -54,6 +54,8 @@ _MODULES = {
     "triton": "cpattn.backends.triton",
     "pytorch": "cpattn.backends.pytorch",
     "reference": "cpattn.backends.reference",
+    # never chosen automatically (auto_device_types=()): a test vehicle for the AscendC kernels
+    "ascendc_emu": "cpattn.backends.ascendc_emu",
 }
 AUTO_ORDER = tuple(_MODULES)
 
@@ -99,10 +101,13 @@ class Backend:
         reasons = []
         dev = _device_type(inputs)
         if self.device_types is not None and dev is not None and dev not in self.device_types:
-            reasons.append(f"runs on {'/'.join(self.device_types)}, not on '{dev}' tensors")
-        elif auto and self.auto_device_types is not None and dev is not None and dev not in self.auto_device_types:
-            reasons.append(f"is chosen automatically only for {'/'.join(self.auto_device_types)} tensors "
-                           f"(request it explicitly for '{dev}')")
+            return [f"runs on {'/'.join(self.device_types)}, not on '{dev}' tensors"]
+        if auto and self.auto_device_types is not None and dev is not None and dev not in self.auto_device_types:
+            if not self.auto_device_types:
+                return ["is never chosen automatically (request it explicitly)"]
+            # the kernel's own check (which may be costly, e.g. building an extension) is skipped
+            return [f"is chosen automatically only for {'/'.join(self.auto_device_types)} tensors "
+                    f"(request it explicitly for '{dev}')"]
         check = self.kernels[op].check
         if check is not None:
             reasons.extend(check(**inputs))

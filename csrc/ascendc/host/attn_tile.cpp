@@ -44,7 +44,7 @@ uint32_t FillAttnTile(AttnTileTiling& t, uint32_t dtype, uint32_t tokTile, uint3
 }
 
 std::string ChooseAttnTile(AttnTileTiling& t, uint32_t dtype, uint32_t maxTok, uint32_t group,
-                           uint32_t maxKey, uint32_t dqk, uint32_t dv, bool vFromK) {
+                           uint32_t maxKey, uint32_t dqk, uint32_t dv, bool vFromK, bool tokensFirst) {
   if (group == 0) return "no query heads";
   if (dqk > kMaxHeadDim || dv > kMaxHeadDim)
     return "head dims above " + std::to_string(kMaxHeadDim) + " are not supported";
@@ -52,23 +52,34 @@ std::string ChooseAttnTile(AttnTileTiling& t, uint32_t dtype, uint32_t maxTok, u
   if (maxTok > kMaxTokTile) maxTok = kMaxTokTile;
   if (maxKey == 0) maxKey = 1;
   if (maxKey > kMaxKeyTile) maxKey = kMaxKeyTile;
-  // key tiles: maxKey, then powers of two below it down to 8
+  // key tiles: maxKey, then powers of two below it down to 1
   uint32_t keys[16];
   uint32_t nKeys = 0;
   keys[nKeys++] = maxKey;
-  for (uint32_t k = 64; k >= 8; k /= 2)
+  for (uint32_t k = 64; k >= 1; k /= 2)
     if (k < maxKey) keys[nKeys++] = k;
-  // head chunks: divisors of the group, largest first (so every chunk is full)
+  // token counts: maxTok, then halves
+  uint32_t toks[8];
+  uint32_t nToks = 0;
+  for (uint32_t k = maxTok; k >= 1; k /= 2) toks[nToks++] = k;
+  // head chunks: divisors of the group, largest first (so every chunk is full). Within a chunk
+  // size: with tokensFirst, the most tokens with key tiles of at least 16 (K/V traffic falls with
+  // the tokens per item), else the longest key tile; then everything else.
   for (uint32_t chunk = group; chunk >= 1; --chunk) {
     if (group % chunk != 0 || chunk > kMaxRows) continue;
-    for (uint32_t ki = 0; ki < nKeys; ++ki) {
-      for (uint32_t tok = maxTok; tok >= 1; tok /= 2) {
-        if (tok * chunk > kMaxRows) continue;
-        if (FillAttnTile(t, dtype, tok, chunk, keys[ki], dqk, dv, vFromK) <= kUbBytes) return "";
+    for (int pass = tokensFirst ? 0 : 1; pass < 2; ++pass) {
+      for (uint32_t a = 0; a < (pass == 0 ? nToks : nKeys); ++a) {
+        for (uint32_t b = 0; b < (pass == 0 ? nKeys : nToks); ++b) {
+          const uint32_t tok = pass == 0 ? toks[a] : toks[b];
+          const uint32_t key = pass == 0 ? keys[b] : keys[a];
+          if (pass == 0 && key < 16 && key < maxKey) continue;
+          if (tok * chunk > kMaxRows) continue;
+          if (FillAttnTile(t, dtype, tok, chunk, key, dqk, dv, vFromK) <= kUbBytes) return "";
+        }
       }
     }
   }
-  FillAttnTile(t, dtype, 1, 1, maxKey < 8 ? maxKey : 8, dqk, dv, vFromK);
+  FillAttnTile(t, dtype, 1, 1, 1, dqk, dv, vFromK);
   return "head dims " + std::to_string(dqk) + "/" + std::to_string(dv) + " need " +
          std::to_string(t.ubBytes) + " bytes of unified buffer for one query row and " +
          std::to_string(t.keyTile) + " keys; the budget is " + std::to_string(kUbBytes);

@@ -27,10 +27,11 @@ uint32_t FillAttnTile(AttnTileTiling& t, uint32_t dtype, uint32_t tokTile, uint3
                       uint32_t keyTile, uint32_t dqk, uint32_t dv, bool vFromK);
 
 // Choose tokTile (<= maxTok), headChunk (a divisor of group) and keyTile (<= maxKey) so that one
-// work item fits the UB, preferring whole groups (K/V read once per KV head), then long key
-// tiles, then more tokens. Returns "" on success, else why nothing fits.
+// work item fits the UB, preferring whole groups (K/V read once per KV head), then (tokensFirst)
+// more query tokens with key tiles of at least 16, or (else) longer key tiles; then anything that
+// fits. Returns "" on success, else why nothing fits (t then holds the smallest tile's footprint).
 std::string ChooseAttnTile(AttnTileTiling& t, uint32_t dtype, uint32_t maxTok, uint32_t group,
-                           uint32_t maxKey, uint32_t dqk, uint32_t dv, bool vFromK);
+                           uint32_t maxKey, uint32_t dqk, uint32_t dv, bool vFromK, bool tokensFirst);
 
 }  // namespace cpattn_asc
 

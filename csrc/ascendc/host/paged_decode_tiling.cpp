@@ -13,7 +13,7 @@ std::string PagedDecodeTilingFor(const PagedDecodeShape& s, uint32_t vectorCores
   if (vectorCores == 0) return "no vector cores";
   const uint32_t group = s.hq / s.hkv;
   // tokTile 1 (each token has its own visible length); key tiles up to 64 positions
-  std::string why = ChooseAttnTile(t.tile, s.dtype, 1, group, kMaxKeyTile, s.dqk, s.dv, s.vFromK);
+  std::string why = ChooseAttnTile(t.tile, s.dtype, 1, group, kMaxKeyTile, s.dqk, s.dv, s.vFromK, false);
   if (!why.empty()) return "paged_decode: " + why;
   t.numTokens = s.numTokens;
   t.numReqs = s.numReqs;

@@ -9,11 +9,11 @@ std::string VarlenPrefillTilingFor(const VarlenPrefillShape& s, uint32_t vectorC
   if (s.dqk == 0 || s.dv == 0) return "head dims must be positive";
   if (s.numSeqs == 0) return "no sequences";
   if (vectorCores == 0) return "no vector cores";
-  if (s.kStrideT < s.hkv * s.dqk || s.vStrideT < s.hkv * s.dv) return "k/v token strides overlap their heads";
+  if (s.hkv > 1 && (s.kStrideH < s.dqk || s.vStrideH < s.dv)) return "k/v head strides overlap their channels";
   const uint32_t group = s.hq / s.hkv;
   // Query tokens per item: up to 16 (K/V are read once per item, so more tokens = less traffic);
   // key tiles up to 64 (one vector repeat per score row).
-  std::string why = ChooseAttnTile(t.tile, s.dtype, s.maxSeqQ == 0 ? 1 : s.maxSeqQ, group, kMaxKeyTile, s.dqk, s.dv, false);
+  std::string why = ChooseAttnTile(t.tile, s.dtype, s.maxSeqQ == 0 ? 1 : s.maxSeqQ, group, kMaxKeyTile, s.dqk, s.dv, false, true);
   if (!why.empty()) return "varlen_prefill: " + why;
   t.numTokensQ = s.numTokensQ;
   t.numTokensK = s.numTokensK;
@@ -24,7 +24,9 @@ std::string VarlenPrefillTilingFor(const VarlenPrefillShape& s, uint32_t vectorC
   t.numChunks = group / t.tile.headChunk;
   t.causal = s.causal ? 1 : 0;
   t.kStrideT = s.kStrideT;
+  t.kStrideH = s.kStrideH;
   t.vStrideT = s.vStrideT;
+  t.vStrideH = s.vStrideH;
   // each sequence wastes at most one partial tile: Tq / tokTile + B slots cover every real tile
   const uint64_t slots = static_cast<uint64_t>(s.numTokensQ) / t.tile.tokTile + s.numSeqs;
   const uint64_t items = slots * s.hkv * t.numChunks;

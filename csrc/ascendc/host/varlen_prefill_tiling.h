@@ -15,7 +15,8 @@ struct VarlenPrefillShape {
   uint32_t dtype;  // DType of q, k, v and out
   uint32_t numTokensQ, numTokensK, numSeqs, hq, hkv, dqk, dv;
   uint32_t maxSeqQ;             // longest query sequence (bounds the tokens per work item)
-  uint32_t kStrideT, vStrideT;  // elements between consecutive tokens of k and v
+  uint32_t kStrideT, kStrideH;  // elements between consecutive tokens / heads of k (channels: stride 1)
+  uint32_t vStrideT, vStrideH;  // the same for v
   bool causal;
   float scale;
 };

@@ -1,7 +1,7 @@
 // varlen_prefill: PCP's local attention kernel for Ascend (AscendC, vector unit), CANN 9.1 API.
 //
-// q [Tq, Hq, Dqk] against one block of keys k [Tk, Hkv, Dqk], v [Tk, Hkv, Dv] (token strides
-// kStrideT/vStrideT, so K and V may be two views of one packed K|V buffer as the ring sends it),
+// q [Tq, Hq, Dqk] against one block of keys k [Tk, Hkv, Dqk], v [Tk, Hkv, Dv] (token and head
+// strides are tiling parameters, so K and V may be two views of one packed K|V buffer),
 // packed sequences delimited by cu_seqlens_q/k [B + 1]; with `causal` query i sees the keys of its
 // sequence with k_positions[j] <= q_positions[i] (int32 positions, any order). Writes
 // out [Tq, Hq, Dv] (q's dtype) and lse [Tq, Hq] (float32, natural log); (0, -inf) for a query
@@ -41,9 +41,11 @@ class VarlenPrefill {
     t_ = t;
     const AttnTileTiling& tt = t.tile;
     q_.SetGlobalBuffer(reinterpret_cast<__gm__ T*>(q), static_cast<uint64_t>(t.numTokensQ) * t.hq * tt.dqk);
-    // the last token's rows end at (Tk - 1) * stride + hkv * d
-    const uint64_t kLen = t.numTokensK == 0 ? 0 : static_cast<uint64_t>(t.numTokensK - 1) * t.kStrideT + t.hkv * tt.dqk;
-    const uint64_t vLen = t.numTokensK == 0 ? 0 : static_cast<uint64_t>(t.numTokensK - 1) * t.vStrideT + t.hkv * tt.dv;
+    // the last token's last head ends at (Tk - 1) * strideT + (hkv - 1) * strideH + d
+    const uint64_t kLen = t.numTokensK == 0 ? 0
+        : static_cast<uint64_t>(t.numTokensK - 1) * t.kStrideT + static_cast<uint64_t>(t.hkv - 1) * t.kStrideH + tt.dqk;
+    const uint64_t vLen = t.numTokensK == 0 ? 0
+        : static_cast<uint64_t>(t.numTokensK - 1) * t.vStrideT + static_cast<uint64_t>(t.hkv - 1) * t.vStrideH + tt.dv;
     k_.SetGlobalBuffer(reinterpret_cast<__gm__ T*>(k), kLen);
     v_.SetGlobalBuffer(reinterpret_cast<__gm__ T*>(v), vLen);
     cuQ_.SetGlobalBuffer(reinterpret_cast<__gm__ int32_t*>(cuQ), t.numSeqs + 1);
@@ -145,11 +147,12 @@ class VarlenPrefill {
   __aicore__ inline void Load(uint32_t h, uint32_t s, uint32_t n) {
     const AttnTileTiling& tt = t_.tile;
     LocalTensor<T> kIn = core_.AllocK();
-    CopyRowsIn(kIn, k_[static_cast<uint64_t>(s) * t_.kStrideT + h * tt.dqk], n, tt.dqk, tt.rowQK,
-               t_.kStrideT - tt.dqk);
+    CopyRowsIn(kIn, k_[static_cast<uint64_t>(s) * t_.kStrideT + static_cast<uint64_t>(h) * t_.kStrideH], n, tt.dqk,
+               tt.rowQK, t_.kStrideT - tt.dqk);
     core_.EnQueK(kIn);
     LocalTensor<T> vIn = core_.AllocV();
-    CopyRowsIn(vIn, v_[static_cast<uint64_t>(s) * t_.vStrideT + h * tt.dv], n, tt.dv, tt.rowV, t_.vStrideT - tt.dv);
+    CopyRowsIn(vIn, v_[static_cast<uint64_t>(s) * t_.vStrideT + static_cast<uint64_t>(h) * t_.vStrideH], n, tt.dv,
+               tt.rowV, t_.vStrideT - tt.dv);
     core_.EnQueV(vIn);
   }
 

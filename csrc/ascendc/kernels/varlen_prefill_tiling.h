@@ -13,8 +13,8 @@ struct VarlenPrefillTiling {
   uint32_t hq, hkv, group;  // query heads, KV heads, hq / hkv
   uint32_t numChunks;    // group / tile.headChunk
   uint32_t causal;       // 1: key j visible to query i iff k_positions[j] <= q_positions[i]
-  uint32_t kStrideT;     // elements between consecutive tokens of k (>= hkv * dqk)
-  uint32_t vStrideT;     // elements between consecutive tokens of v (>= hkv * dv)
+  uint32_t kStrideT, kStrideH;  // elements between consecutive tokens / heads of k (unit channel stride)
+  uint32_t vStrideT, vStrideH;  // the same for v
   uint32_t tileSlots;    // upper bound of query tiles: Tq / tokTile + B
   uint32_t numItems;     // tileSlots * hkv * numChunks
   uint32_t blockDim;     // cores launched
