@@ -525,11 +525,23 @@ void reduce(const char* api, const LocalTensor<T>& dst, const LocalTensor<T>& sr
     if (count == 0) emu::fail(emu::rule::USAGE, emu::cat(api, ": count 0"));
     v_operand(src, count, false, api);
     v_operand(dst, index ? 2 : 1, true, api);
-    uint32_t repeats = (uint32_t(count) * sizeof(T) + 255) / 256;
-    v_operand(work, std::max<uint32_t>(repeats, 1), true, api);
+    // sharedTmpBuffer size, as documented: the first round's (value, index) pairs rounded up to
+    // 32 bytes; with the index kept, each further round's output is added.
+    const uint64_t per_rep = 256 / sizeof(T), per_blk = 32 / sizeof(T);
+    auto up = [](uint64_t a, uint64_t b) { return (a + b - 1) / b * b; };
+    uint64_t out1 = (uint64_t(count) + per_rep - 1) / per_rep * 2, need = up(out1, per_blk);
+    if (index && out1 > 2) {
+        uint64_t out2 = (out1 + per_rep - 1) / per_rep * 2;
+        need = up(out1, per_blk) + up(out2, per_blk);
+        if (out2 > 2) need += up((out2 + per_rep - 1) / per_rep * 2, per_blk);
+    }
+    if (work.GetSize() < need)
+        emu::fail(emu::rule::UB_BOUNDS, emu::cat(api, ": sharedTmpBuffer holds ", work.GetSize(), " elements, ", need,
+                                                 " needed for count ", count));
+    v_operand(work, need, true, api);
     emu::issue(emu::P_V);
     emu::ub_read(emu::P_V, src.emu_ptr(), count * sizeof(T), api);
-    emu::ub_write(emu::P_V, work.emu_ptr(), std::max<uint32_t>(repeats, 1) * sizeof(T), api);
+    emu::ub_write(emu::P_V, work.emu_ptr(), need * sizeof(T), api);
     emu::ub_write(emu::P_V, dst.emu_ptr(), (index ? 2 : 1) * sizeof(T), api);
     std::vector<typename Num<T>::C> v(count);
     for (int32_t i = 0; i < count; ++i) v[i] = Num<T>::get(src.emu_ptr()[i]);

@@ -26,6 +26,9 @@ uint64_t merge_attn_states_ub_bytes(uint32_t headDim, uint32_t dtype, uint32_t t
         ub += 2 * r32(tile * sz);           // outQue: two output tiles (float32: also the accumulator)
         if (sz != 4) ub += 2 * r32(tile * 4);  // castBuf + accBuf (float32 copies of 16-bit data)
         ub += r32(tile * 4);                // prodBuf: weighted input
+        const uint64_t tile64 = (tile + 63) / 64 * 64;
+        ub += r32(tile64 * 4) + r32(tile64 / 8);  // wfullBuf + emaskBuf: clearing empty inputs' rows
+        ub += r32(2 * 64 * 4);              // minBuf: ReduceMin result and work area
     }
     ub += 2 * r32(uint64_t(chunkInputs) * rp * 4);  // lseQue: two LSE chunks
     ub += 2 * r32(rp * 4);                          // outLseQue
