@@ -27,9 +27,10 @@ def test_explicit_request_on_cpu_lists_every_reason():
     o, l = torch.randn(3, 2, 8), torch.randn(3, 2)
     with pytest.raises(BackendError) as e:
         cpattn.merge_attn_states(o, l, o.clone(), l.clone(), backend="ascendc")
-    msg = str(e.value)
-    assert "runs on npu, not on 'cpu' tensors" in msg
-    assert "extension not built" in msg and "ASCEND_HOME_PATH" in msg
+    assert "runs on npu, not on 'cpu' tensors" in str(e.value)
+    # the kernel's own check (run for NPU tensors) also says the extension is missing here
+    why = A._check_merge([o], [l], o, l)
+    assert any("extension not built" in w and "ASCEND_HOME_PATH" in w for w in why)
 
 
 def test_never_chosen_automatically_for_cpu():
@@ -58,6 +59,10 @@ def test_kernel_limits_are_reasons():
 def test_op_schemas_and_fake_shapes():
     ops = torch.ops.cpattn
     assert "Tensor(a!) out" in str(ops.ascendc_merge_attn_states.default._schema)
+    for name in ("ascendc_merge_attn_states", "ascendc_paged_decode", "ascendc_varlen_prefill"):
+        kernel, check = getattr(ops, name).default._schema, getattr(ops, name + "_check").default._schema
+        assert [a.name for a in check.arguments] == [a.name for a in kernel.arguments]
+        assert str(check.returns[0].type) == "str"
     q = torch.empty(5, 4, 24, device="meta", dtype=torch.bfloat16)
     kc = torch.empty(3, 16, 1, 24, device="meta", dtype=torch.bfloat16)
     idx = torch.empty(2, 3, device="meta", dtype=torch.int32)

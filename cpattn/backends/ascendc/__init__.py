@@ -8,8 +8,10 @@ NPU (``PrivateUse1``) implementation is registered by the compiled extension
 loaded; on any other device the backend only says why it cannot run.
 
 The backend can run an input when the tensors are on an NPU, the extension was built and loads,
-and the kernel's own limits hold (:func:`_check_merge`, ...); otherwise its reasons say which.
-It comes first in automatic choice for NPU tensors.
+and the kernel's own limits hold: dtypes and layouts checked here, then the compiled binding's
+``*_check`` op (the same validation and host tiling as a launch: unified-buffer budget, head
+dims, 32-bit sizes); otherwise its reasons say which. It comes first in automatic choice for NPU
+tensors, so an input it cannot run falls through to the next backend.
 
 What was verified where: the kernel sources run on CPU through the AscendC emulation
 (backend ``ascendc_emu``); the binding and host tiling code compile (``-fsyntax-only``) against
@@ -48,6 +50,15 @@ def _common(tensors: dict, dtype) -> list[str]:
     return reasons
 
 
+def _kernel_says(on: torch.Tensor, check_op, *args) -> list[str]:
+    """The compiled kernel's own reason (its validation and host tiling: UB budget, head dims,
+    32-bit sizes), asked only when ``on`` is an NPU tensor and the extension is loaded."""
+    if on.device.type != "npu" or _ext.unavailable():
+        return []
+    why = check_op(*args)
+    return [why] if why else []
+
+
 def _check_merge(outs, lses, out, out_lse) -> list[str]:
     reasons = _common({}, out.dtype)
     if any(l.dtype != torch.float32 for l in lses) or out_lse.dtype != torch.float32:
@@ -56,7 +67,11 @@ def _check_merge(outs, lses, out, out_lse) -> list[str]:
         reasons.append("head dim 0")
     if not (out.is_contiguous() and out_lse.is_contiguous()):
         reasons.append("out and out_lse must be contiguous (written in place)")
-    return reasons
+    if reasons:
+        return reasons
+    d = out.shape[-1]
+    return _kernel_says(out, torch.ops.cpattn.ascendc_merge_attn_states_check, [o.reshape(-1, d) for o in outs],
+                        [l.reshape(-1) for l in lses], out.view(-1, d), out_lse.view(-1))
 
 
 def merge(outs, lses, out, out_lse) -> None:
@@ -71,7 +86,9 @@ def _check_paged(q, k_cache, v_cache, block_table, query_start_loc, visible_lens
     reasons = _common({"q": q, "k_cache": k_cache, "v_cache": v_cache}, q.dtype)
     if k_cache.dtype != q.dtype or (v_cache is not None and v_cache.dtype != q.dtype):
         reasons.append("q, k_cache and v_cache must share one dtype")
-    return reasons
+    return reasons or _kernel_says(q, torch.ops.cpattn.ascendc_paged_decode_check, q, k_cache, v_cache, block_table,
+                                   query_start_loc, visible_lens, float(scale), int(v_head_dim), int(max_query_len),
+                                   int(max_kv_len))
 
 
 def paged_attention(q, k_cache, v_cache, block_table, query_start_loc, visible_lens, scale, v_head_dim,
@@ -86,7 +103,14 @@ def _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, q_positions=None, k_posit
     reasons = _common({"q": q, "k": k, "v": v}, q.dtype)
     if k.dtype != q.dtype or v.dtype != q.dtype:
         reasons.append("q, k and v must share one dtype")
-    return reasons
+    if reasons:
+        return reasons
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if causal and (q_positions is None or k_positions is None):  # shapes are all the check reads
+        q_positions = torch.empty(q.shape[0], dtype=torch.int32, device=q.device)
+        k_positions = torch.empty(k.shape[0], dtype=torch.int32, device=q.device)
+    return _kernel_says(q, torch.ops.cpattn.ascendc_varlen_prefill_check, q, k, v, cu_seqlens_q, cu_seqlens_k,
+                        q_positions, k_positions, bool(causal), scale)
 
 
 def attention(q, k, v, cu_seqlens_q, cu_seqlens_k, q_positions=None, k_positions=None, causal=False, scale=None):

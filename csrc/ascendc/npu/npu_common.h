@@ -60,6 +60,17 @@ std::vector<uint8_t> tiling_bytes(const Tiling& t, size_t extra = 0) {
   return b;
 }
 
+// "" when `plan` returns normally, else the message of the c10::Error it raised (a backend reason).
+template <typename F>
+std::string why_not(F&& plan) {
+  try {
+    plan();
+    return "";
+  } catch (const c10::Error& e) {
+    return e.what_without_backtrace();
+  }
+}
+
 // Queue `launch(stream)` on `dev`'s current stream, in order with torch_npu's queued work.
 // `keep` holds the tensors the kernel reads or writes until the launch has been issued.
 void enqueue_launch(const char* name, const at::Device& dev, std::vector<at::Tensor> keep,
