@@ -23,6 +23,8 @@ import torch
 from ..registry import Backend
 from . import _build
 from . import merge as _merge
+from . import paged as _paged
+from . import varlen as _varlen
 
 # Vector cores the host tiling spreads rows over (Atlas A2 910B3: 40 AIV cores).
 CORES = int(os.environ.get("CPATTN_ASCENDC_EMU_CORES", "40"))
@@ -58,3 +60,5 @@ def kernel(op: str, check=None):
 
 
 kernel("merge", _merge.check)(_merge.merge)
+kernel("paged_attention", _paged.check)(_paged.paged_attention)
+kernel("attention", _varlen.check)(_varlen.attention)

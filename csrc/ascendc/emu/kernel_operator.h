@@ -8,3 +8,4 @@
 #include "emu_tensor.h"
 #include "emu_copy.h"
 #include "emu_vec.h"
+#include "emu_attn_ops.h"  // Axpy, ReduceRepeat: the attention kernels (paged_decode, varlen_prefill)
