@@ -168,3 +168,16 @@ def test_level0_broadcast_mul(emu_lib):
     expect = np.zeros((4, 16), np.float32)
     expect[:, :12] = rows[:, :12] * x[64:68, None]
     np.testing.assert_array_equal(y[:64].reshape(4, 16), expect)
+
+
+def test_reduce_repeat(emu_lib):
+    x = np.random.default_rng(3).standard_normal(1024).astype(np.float32)
+    y = run(emu_lib, "reduce_repeat_semantics", x=x)
+    for r in range(2):
+        v = x[r * 64:(r + 1) * 64].copy()
+        while v.size > 1:  # the documented binary tree over adjacent pairs, in float32
+            v = (v[0::2] + v[1::2]).astype(np.float32)
+        assert y[r] == v[0]
+        seg = x[r * 64:(r + 1) * 64]
+        assert y[8 + 2 * r] == seg.max() and y[9 + 2 * r].view(np.uint32) == seg.argmax()
+        assert y[16 + r] == seg.min()

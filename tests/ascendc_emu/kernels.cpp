@@ -368,7 +368,9 @@ KERNEL(select_without_reserved_ub) {
     Duplicate(t, 0.0f, 64);
     PipeBarrier<PIPE_V>();
     LocalTensor<uint8_t> bits = m.Get<uint8_t>();
-    Compares(bits, t, 0.0f, CMPMODE::LT, 64);
+    Compares(bits, t, 0.0f, CMPMODE::LT, 64);  // no reserved UB on A2
+    PipeBarrier<PIPE_V>();
+    Select(t, bits, t, 1.0f, SELMODE::VSEL_TENSOR_SCALAR_MODE, 64);  // reserves 8 KiB on A2
 }
 
 // ---------------------------------------------------------------- documented semantics
@@ -435,6 +437,31 @@ KERNEL(broadcast_mul_semantics) {
     out.FreeTensor(o);
 }
 
+// ReduceRepeat over 2 repeats of 64 floats: y[0:2] sums (binary tree), y[8:12] (max, index)
+// pairs, y[16:18] min values only.
+KERNEL(reduce_repeat_semantics) {
+    TPipe pipe;
+    TQue<TPosition::VECIN, 1> in;
+    TQue<TPosition::VECOUT, 1> out;
+    pipe.InitBuffer(in, 1, 128 * sizeof(float));
+    pipe.InitBuffer(out, 1, 32 * sizeof(float));
+    LocalTensor<float> a = in.AllocTensor<float>();
+    DataCopy(a, gx(x), 128);
+    in.EnQue(a);
+    a = in.DeQue<float>();
+    LocalTensor<float> o = out.AllocTensor<float>();
+    Duplicate(o, 0.0f, 32);
+    PipeBarrier<PIPE_V>();
+    ReduceRepeat<ReduceType::SUM, float, float>(o, a, 64, 2, 1, 1, 8);
+    ReduceRepeat<ReduceType::MAX, float, float>(o[8], a, 64, 2, 1, 1, 8);
+    ReduceRepeat<ReduceType::MIN, float, float>(o[16], a, 64, 2, 1, 1, 8, ReduceOrder::ORDER_ONLY_VALUE);
+    in.FreeTensor(a);
+    out.EnQue(o);
+    o = out.DeQue<float>();
+    DataCopy(gx(y), o, 32);
+    out.FreeTensor(o);
+}
+
 // y[b*8] = b for every block b: every block of the launch runs.
 KERNEL(every_block_runs) {
     GlobalTensor<float> g = gx(y);
@@ -456,7 +483,7 @@ static const std::map<std::string, KernelFn>& kernels() {
         K(missing_pipe_barrier), K(missing_flag_mte2_v), K(flag_mte2_v_ok), K(scalar_read_without_flag),
         K(set_flag_never_waited), K(wait_flag_never_set), K(blocks_write_same_bytes), K(block_reads_what_another_writes),
         K(gm_out_of_bounds), K(select_without_reserved_ub), K(cast_semantics), K(broadcast_mul_semantics),
-        K(every_block_runs),
+        K(every_block_runs), K(reduce_repeat_semantics),
 #undef K
     };
     return k;
