@@ -46,7 +46,7 @@ std::string merge_attn_states_tiling(uint64_t rows, uint32_t numInputs, uint32_t
     if (vectorCores < 1) return "needs at least one vector core";
     const uint32_t dp = pad_dim(headDim, dtype);
     if (dp / 8 > 255) {  // one row of float32 is the repeat stride of the broadcast Mul (8 bits, in 32-byte blocks)
-        why << "head dim " << headDim << " > 2040 (a float32 row must fit the 8-bit repeat stride)";
+        why << "head dim " << headDim << " (padded to " << dp << ") > 2040: a float32 row must fit the 8-bit repeat stride";
         return why.str();
     }
     if (uint64_t(headDim) * elem_bytes(dtype) > 2097151) return "row too long for DataCopyPad";
