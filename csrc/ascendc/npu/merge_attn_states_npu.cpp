@@ -45,6 +45,7 @@ MergeAttnStatesTiling plan_merge(at::TensorList outs, at::TensorList lses, const
 }  // namespace
 
 void merge_attn_states(at::TensorList outs, at::TensorList lses, const at::Tensor& out, const at::Tensor& out_lse) {
+  const c10_npu::OptionalNPUGuard guard(out.device());
   const MergeAttnStatesTiling t = plan_merge(outs, lses, out, out_lse);
   if (out.size(0) == 0 || t.usedCores == 0) return;
   const at::Device dev = out.device();

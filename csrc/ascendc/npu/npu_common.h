@@ -1,5 +1,9 @@
 // Shared pieces of the torch_npu binding (plain C++: no kernel code, no `<<<>>>`).
 //
+// Device: every op makes its tensors' NPU the current device for its duration
+// (c10_npu::OptionalNPUGuard), so the stream, the queued launch and the runtime calls all refer
+// to that device in a process that drives several NPUs.
+//
 // Ordering: torch_npu queues its own work through a task queue before it reaches the stream, so
 // a kernel launched straight onto the stream could overtake work queued earlier. Every launch
 // here therefore goes through at_npu::native::OpCommand::SetCustomHandler (as vllm-ascend's
@@ -20,6 +24,7 @@
 #include <c10/util/Exception.h>
 
 #include "acl/acl.h"
+#include "torch_npu/csrc/core/npu/NPUGuard.h"
 #include "torch_npu/csrc/core/npu/NPUStream.h"
 #include "torch_npu/csrc/framework/OpCommand.h"
 

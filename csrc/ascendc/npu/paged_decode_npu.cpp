@@ -64,6 +64,7 @@ std::tuple<at::Tensor, at::Tensor> paged_decode(const at::Tensor& q_in, const at
                                                 int64_t max_query_len, int64_t max_kv_len) {
   (void)max_query_len;
   (void)max_kv_len;
+  const c10_npu::OptionalNPUGuard guard(q_in.device());
   const PagedDecodeTiling t = plan_paged(q_in, k_in, v_in, block_table, query_start_loc, visible_lens, scale, v_head_dim);
   const at::Device dev = q_in.device();
   const at::Tensor q = q_in.contiguous(), k = k_in.contiguous();

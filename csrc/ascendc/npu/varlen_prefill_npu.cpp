@@ -99,6 +99,7 @@ std::tuple<at::Tensor, at::Tensor> varlen_prefill(const at::Tensor& q_in, const 
                                                   const c10::optional<at::Tensor>& k_positions, bool causal,
                                                   double scale) {
   const at::Device dev = q_in.device();
+  const c10_npu::OptionalNPUGuard guard(dev);
   TORCH_CHECK(q_in.dim() == 3 && v_in.dim() == 3, kVarlenOp, ": q, k and v must be 3-D");
   at::Tensor out = at::empty({q_in.size(0), q_in.size(1), v_in.size(2)}, q_in.options());
   at::Tensor lse = at::empty({q_in.size(0), q_in.size(1)}, q_in.options().dtype(at::kFloat));
