@@ -5,6 +5,7 @@ The AscendC backend's NPU extension (csrc/ascendc/) is built only where a CANN t
 with ``pip install --no-build-isolation``); otherwise cpattn installs without it and says so in
 one line. ``CPATTN_BUILD_ASCENDC=0`` never builds it; ``=1`` fails when it cannot.
 """
+import json
 import os
 import subprocess
 import sys
@@ -35,8 +36,8 @@ def _ascendc_wanted() -> bool:
 def _torch_paths() -> tuple[str, str]:
     """(torch's cmake prefix, torch_npu's package dir), asked in a subprocess with torch's
     device-backend autoload off, so that no NPU runtime is touched at build time."""
-    code = ("import importlib.util, torch.utils; spec = importlib.util.find_spec('torch_npu'); "
-            "print(torch.utils.cmake_prefix_path); print(spec.submodule_search_locations[0] if spec else '')")
+    code = ("import importlib.util, json, torch.utils; spec = importlib.util.find_spec('torch_npu'); "
+            "print(json.dumps([torch.utils.cmake_prefix_path, spec.submodule_search_locations[0] if spec else '']))")
     env = dict(os.environ, TORCH_DEVICE_BACKEND_AUTOLOAD="0")
     try:
         out = subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True, text=True).stdout
@@ -44,7 +45,7 @@ def _torch_paths() -> tuple[str, str]:
         sys.exit("cpattn: a CANN toolkit was found but torch is not importable in the build environment; install "
                  "torch and torch_npu first and use `pip install --no-build-isolation` (or CPATTN_BUILD_ASCENDC=0)\n"
                  + exc.stderr)
-    prefix, npu = out.strip().splitlines()[-2:]
+    prefix, npu = json.loads(out.strip().splitlines()[-1])
     if not npu:
         sys.exit("cpattn: a CANN toolkit was found but torch_npu is not installed; install it first "
                  "(or CPATTN_BUILD_ASCENDC=0)")
