@@ -15,7 +15,7 @@ from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
-_LIB = "cpattn/_ascendc/libcpattn_ascendc.so"
+_EXT = "cpattn._ascendc.libcpattn_ascendc"  # -> cpattn/_ascendc/libcpattn_ascendc.so (+ the kernel library beside it)
 
 
 def _ascendc_wanted() -> bool:
@@ -56,10 +56,15 @@ class CMakeAscendC(build_ext):
     """Builds csrc/ascendc with CMake (CANN's ascendc_library for the kernels) into cpattn/_ascendc/."""
 
     def get_ext_filename(self, ext_name):
-        return _LIB if ext_name == "cpattn._ascendc" else super().get_ext_filename(ext_name)
+        # a plain shared library (no Python module suffix): asked for by full or by last name
+        if ext_name == _EXT:
+            return os.path.join("cpattn", "_ascendc", "libcpattn_ascendc.so")
+        if ext_name == _EXT.rsplit(".", 1)[1]:
+            return "libcpattn_ascendc.so"
+        return super().get_ext_filename(ext_name)
 
     def build_extension(self, ext):
-        if ext.name != "cpattn._ascendc":
+        if ext.name != _EXT:
             return super().build_extension(ext)
         out_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
         build_dir = Path(self.build_temp).resolve() / "ascendc"
@@ -72,7 +77,7 @@ class CMakeAscendC(build_ext):
         subprocess.run(["cmake", "--build", str(build_dir), "-j", str(os.cpu_count() or 1)], check=True)
 
 
-ext_modules = [Extension("cpattn._ascendc", sources=[])] if _ascendc_wanted() else []
+ext_modules = [Extension(_EXT, sources=[])] if _ascendc_wanted() else []
 
 setup(
     name="cpattn",
