@@ -45,6 +45,7 @@ pybind11::dict merge(const std::vector<at::Tensor>& outs, const std::vector<at::
     info["used_cores"] = t.usedCores;
     info["chunk_inputs"] = t.chunkInputs;
     info["ub_bytes"] = t.ubBytes;
+    info["rows_per_core"] = t.rowsPerCore;
     if (rows == 0) return info;
 
     std::vector<at::Tensor> in_o, in_l;
@@ -83,6 +84,7 @@ pybind11::dict merge(const std::vector<at::Tensor>& outs, const std::vector<at::
         merge_attn_states(static_cast<uint8_t*>(optr.data_ptr()), static_cast<uint8_t*>(lptr.data_ptr()), o, ol,
                           static_cast<uint8_t*>(tiling.data_ptr()));
     });
+    info["ub_used"] = emu::launch_state().max_ub_used;  // what InitBuffer really handed out
     if (!dst.is_same(out)) out.copy_(dst);
     if (write_lse && !dst_lse.is_same(*out_lse)) out_lse->copy_(dst_lse);
     return info;

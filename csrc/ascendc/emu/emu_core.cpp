@@ -76,6 +76,7 @@ static void read_block(int pipe, uint32_t b, const char* api) {
 static void write_block(int pipe, uint32_t b, const char* api) {
     auto& c = core();
     Shadow& s = c.shadow[b];
+    if (s.wpipe == pipe && s.wseq == c.seq[pipe]) return;  // this very instruction wrote it already
     if (s.wpipe >= 0 && c.clock[pipe][s.wpipe] < s.wseq)
         fail(rule::RACE, cat(api, " on ", pipe_name(pipe), " overwrites UB bytes [", b * BLOCK, ", ", (b + 1) * BLOCK,
                              ") written by an earlier ", pipe_name(s.wpipe),
@@ -240,6 +241,7 @@ void run_blocks(int64_t block_dim, const std::vector<Buffer>& buffers, const std
         L.regions.push_back({lo, lo + b.bytes, b.name, b.writable});
     }
     L.block_num = block_dim;
+    L.max_ub_used = 0;
     L.active = true;
     struct Off {
         ~Off() { launch_state().active = false; }
@@ -249,6 +251,7 @@ void run_blocks(int64_t block_dim, const std::vector<Buffer>& buffers, const std
         core().reset();
         body();
         end_of_kernel_checks();
+        L.max_ub_used = std::max(L.max_ub_used, core().used);
     }
     L.active = false;
     // Blocks run in parallel on the NPU: no two may write the same bytes, and none may read

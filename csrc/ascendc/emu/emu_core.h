@@ -144,6 +144,7 @@ struct Launch {
     std::vector<GmRegion> regions;
     std::vector<GmAccess> accesses;
     bool active = false;
+    uint32_t max_ub_used = 0;  // most UB any block of the last launch took with InitBuffer
 };
 
 Core& core();

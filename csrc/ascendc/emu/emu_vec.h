@@ -10,7 +10,6 @@
 #pragma once
 
 #include <cfloat>
-#include <set>
 
 #include "emu_tensor.h"
 
@@ -122,21 +121,22 @@ std::vector<uint64_t> lane_index(const Lanes& l, int64_t repeat, Stride s) {
 
 template <typename T>
 std::vector<uint32_t> touched(const LocalTensor<T>& t, const std::vector<uint64_t>& idx, const char* api) {
-    std::set<uint32_t> blocks;
     auto& c = emu::core();
     uint32_t base = c.off(t.emu_ptr());
     uint64_t mx = 0;
-    for (uint64_t i : idx) {
-        mx = std::max(mx, i);
-        blocks.insert(uint32_t((base + i * sizeof(T)) / emu::BLOCK));
-    }
-    if (!idx.empty()) {
-        if (mx >= t.GetSize())
-            emu::fail(emu::rule::UB_BOUNDS, emu::cat(api, ": repeat/stride pattern reaches element ", mx, " beyond the tensor's ",
-                                                     t.GetSize()));
-        emu::buffer_of(t.emu_ptr(), (mx + 1) * sizeof(T), api);
-    }
-    return std::vector<uint32_t>(blocks.begin(), blocks.end());
+    for (uint64_t i : idx) mx = std::max(mx, i);
+    std::vector<uint32_t> blocks;
+    if (idx.empty()) return blocks;
+    if (mx >= t.GetSize())
+        emu::fail(emu::rule::UB_BOUNDS, emu::cat(api, ": repeat/stride pattern reaches element ", mx, " beyond the tensor's ",
+                                                 t.GetSize()));
+    emu::buffer_of(t.emu_ptr(), (mx + 1) * sizeof(T), api);
+    const uint32_t lo = base / emu::BLOCK, hi = uint32_t((base + (mx + 1) * sizeof(T) - 1) / emu::BLOCK);
+    std::vector<char> seen(hi - lo + 1, 0);
+    for (uint64_t i : idx) seen[(base + i * sizeof(T)) / emu::BLOCK - lo] = 1;
+    for (uint32_t b = lo; b <= hi; ++b)
+        if (seen[b - lo]) blocks.push_back(b);
+    return blocks;
 }
 
 inline void check_repeat(const RepeatTimes& r, const char* api) {
@@ -405,6 +405,8 @@ void Brcb(const LocalTensor<T>& dst, const LocalTensor<T>& src, const uint8_t re
 // ---------------------------------------------------------------- compare / select
 
 namespace detail {
+// Select (modes 1 and 2) keeps 8 KiB of UB for itself on Atlas A2/A3 (its documentation), so
+// InitBuffer may hand out at most UB_SIZE - 8 KiB in a kernel that uses it.
 inline void reserved_ub(const char* api) {
     auto& c = emu::core();
     if (c.used + emu::SELECT_RESERVED > emu::UB_SIZE)
@@ -434,7 +436,6 @@ void Compares(const LocalTensor<U>& dst, const LocalTensor<T>& src0, const T src
     if ((uint64_t(count) * sizeof(T)) % 256)
         emu::fail(emu::rule::COUNT_ALIGN, emu::cat(api, ": count ", count, " elements = ", count * sizeof(T),
                                                    " bytes, not a multiple of 256 (the NPU ignores the tail)"));
-    detail::reserved_ub(api);
     detail::v_operand(src0, count, false, api);
     detail::v_operand(dst, (count + 7) / 8, true, api);
     emu::issue(emu::P_V);
@@ -525,11 +526,23 @@ void reduce(const char* api, const LocalTensor<T>& dst, const LocalTensor<T>& sr
     if (count == 0) emu::fail(emu::rule::USAGE, emu::cat(api, ": count 0"));
     v_operand(src, count, false, api);
     v_operand(dst, index ? 2 : 1, true, api);
-    uint32_t repeats = (uint32_t(count) * sizeof(T) + 255) / 256;
-    v_operand(work, std::max<uint32_t>(repeats, 1), true, api);
+    // sharedTmpBuffer size, as documented: the first round's (value, index) pairs rounded up to
+    // 32 bytes; with the index kept, each further round's output is added.
+    const uint64_t per_rep = 256 / sizeof(T), per_blk = 32 / sizeof(T);
+    auto up = [](uint64_t a, uint64_t b) { return (a + b - 1) / b * b; };
+    uint64_t out1 = (uint64_t(count) + per_rep - 1) / per_rep * 2, need = up(out1, per_blk);
+    if (index && out1 > 2) {
+        uint64_t out2 = (out1 + per_rep - 1) / per_rep * 2;
+        need = up(out1, per_blk) + up(out2, per_blk);
+        if (out2 > 2) need += up((out2 + per_rep - 1) / per_rep * 2, per_blk);
+    }
+    if (work.GetSize() < need)
+        emu::fail(emu::rule::UB_BOUNDS, emu::cat(api, ": sharedTmpBuffer holds ", work.GetSize(), " elements, ", need,
+                                                 " needed for count ", count));
+    v_operand(work, need, true, api);
     emu::issue(emu::P_V);
     emu::ub_read(emu::P_V, src.emu_ptr(), count * sizeof(T), api);
-    emu::ub_write(emu::P_V, work.emu_ptr(), std::max<uint32_t>(repeats, 1) * sizeof(T), api);
+    emu::ub_write(emu::P_V, work.emu_ptr(), need * sizeof(T), api);
     emu::ub_write(emu::P_V, dst.emu_ptr(), (index ? 2 : 1) * sizeof(T), api);
     std::vector<typename Num<T>::C> v(count);
     for (int32_t i = 0; i < count; ++i) v[i] = Num<T>::get(src.emu_ptr()[i]);
@@ -563,6 +576,86 @@ void ReduceMin(const LocalTensor<T>& dst, const LocalTensor<T>& src, const Local
     using C = typename detail::Num<T>::C;
     detail::reduce("ReduceMin", dst, src, sharedTmpBuffer, count, [](C a, C b) { return (a != a) ? a : (b != b) ? b : (a < b ? a : b); },
                    calIndex, false);
+}
+
+// ---------------------------------------------------------------- ReduceRepeat (9.1's name for WholeReduce*)
+// One result per repeat: SUM by the documented binary tree over adjacent lanes; MAX/MIN with the
+// in-repeat index of the first extreme lane, stored as `order` says. dst needs only element
+// alignment; dstRepStride counts results (value, index or the pair).
+
+enum class ReduceType { NONE = -1, SUM = 0, MAX, MIN };
+enum class ReduceOrder : uint8_t { ORDER_VALUE_INDEX = 0, ORDER_INDEX_VALUE, ORDER_ONLY_VALUE, ORDER_ONLY_INDEX };
+
+template <ReduceType reduceType, typename T, typename U, bool isSetMask = true>
+void ReduceRepeat(const LocalTensor<T>& dst, const LocalTensor<U>& src, const int32_t mask, const int32_t repeatTime,
+                  const int32_t dstRepStride, const int32_t srcBlkStride, const int32_t srcRepStride,
+                  ReduceOrder order = ReduceOrder::ORDER_VALUE_INDEX) {
+    const char* api = "ReduceRepeat";
+    static_assert(sizeof(T) == sizeof(U), "ReduceRepeat: dst and src of one width");
+    using N = detail::Num<U>;
+    using C = typename N::C;
+    detail::check_repeat(detail::RepeatTimes(repeatTime), api);
+    if (mask == 0 || repeatTime == 0) return;  // a NOP on Atlas A2/A3
+    if (dstRepStride < 0 || srcBlkStride < 0 || srcRepStride < 0 || dstRepStride > 65535 || srcBlkStride > 65535 ||
+        srcRepStride > 65535)
+        emu::fail(emu::rule::USAGE, "ReduceRepeat: strides outside 0..65535");
+    detail::Lanes lanes = detail::lanes_count<U>(uint64_t(mask), api);
+    src.valid(api);
+    dst.valid(api);
+    emu::check_align(src.emu_ptr(), api, "source");
+    const bool pair = reduceType != ReduceType::SUM && (order == ReduceOrder::ORDER_VALUE_INDEX || order == ReduceOrder::ORDER_INDEX_VALUE);
+    const uint32_t unit = pair ? 2 : 1;  // elements of T per result
+    if (emu::core().off(dst.emu_ptr()) % (unit * sizeof(T)))
+        emu::fail(emu::rule::UB_ALIGN, emu::cat(api, ": destination not aligned to its ", unit * sizeof(T), "-byte results"));
+    auto si = detail::lane_index<U>(lanes, repeatTime, detail::Stride{uint32_t(srcBlkStride), uint32_t(srcRepStride)});
+    auto sblocks = detail::touched(src, si, api);
+    const uint64_t dlast = uint64_t(repeatTime - 1) * dstRepStride * unit + unit;
+    if (dlast > dst.GetSize()) emu::fail(emu::rule::UB_BOUNDS, emu::cat(api, ": results reach beyond the destination"));
+    int db = emu::buffer_of(dst.emu_ptr(), dlast * sizeof(T), api);
+    emu::check_state(emu::buffer_of(src.emu_ptr(), 1, api), emu::P_V, false, api);
+    emu::check_state(db, emu::P_V, true, api);
+    emu::issue(emu::P_V);
+    emu::ub_read_blocks(emu::P_V, sblocks, api);
+    std::vector<T> res(size_t(repeatTime) * unit);
+    const size_t per = lanes.on.size();
+    for (int32_t r = 0; r < repeatTime; ++r) {
+        std::vector<C> v(per);
+        for (size_t j = 0; j < per; ++j) v[j] = N::get(src.emu_ptr()[si[r * per + j]]);
+        C val;
+        uint32_t at = 0;
+        if (reduceType == ReduceType::SUM) {
+            while (v.size() > 1) {  // adjacent pairs, level by level
+                std::vector<C> h;
+                for (size_t i = 0; i + 1 < v.size(); i += 2) h.push_back(N::get(N::put(v[i] + v[i + 1])));
+                if (v.size() % 2) h.push_back(v.back());
+                v.swap(h);
+            }
+            val = v[0];
+        } else {
+            val = v[0];
+            for (size_t j = 1; j < per; ++j) {
+                bool better = reduceType == ReduceType::MAX ? v[j] > val : v[j] < val;
+                if (v[j] != v[j] && val == val) better = true;  // NaN wins (undocumented on the NPU)
+                if (better) { val = v[j]; at = uint32_t(lanes.on[j]); }
+            }
+            if (at == 0) at = uint32_t(lanes.on[0]);
+        }
+        T value = T(N::put(val)), index;
+        std::memset(&index, 0, sizeof(T));
+        std::memcpy(&index, &at, std::min(sizeof(T), sizeof(at)));
+        T* out = &res[size_t(r) * unit];
+        switch (pair ? order : (reduceType == ReduceType::SUM ? ReduceOrder::ORDER_ONLY_VALUE : order)) {
+            case ReduceOrder::ORDER_VALUE_INDEX: out[0] = value; out[1] = index; break;
+            case ReduceOrder::ORDER_INDEX_VALUE: out[0] = index; out[1] = value; break;
+            case ReduceOrder::ORDER_ONLY_INDEX: out[0] = index; break;
+            default: out[0] = value;
+        }
+    }
+    for (int32_t r = 0; r < repeatTime; ++r) {
+        T* d = dst.emu_ptr() + uint64_t(r) * dstRepStride * unit;
+        emu::ub_write(emu::P_V, d, unit * sizeof(T), api);
+        std::memcpy(d, &res[size_t(r) * unit], unit * sizeof(T));
+    }
 }
 
 }  // namespace AscendC

@@ -26,6 +26,9 @@ uint64_t merge_attn_states_ub_bytes(uint32_t headDim, uint32_t dtype, uint32_t t
         ub += 2 * r32(tile * sz);           // outQue: two output tiles (float32: also the accumulator)
         if (sz != 4) ub += 2 * r32(tile * 4);  // castBuf + accBuf (float32 copies of 16-bit data)
         ub += r32(tile * 4);                // prodBuf: weighted input
+        const uint64_t tile64 = (tile + 63) / 64 * 64;
+        ub += r32(tile64 * 4) + r32(tile64 / 8);  // wfullBuf + emaskBuf: clearing empty inputs' rows
+        ub += r32(2 * 64 * 4);              // minBuf: ReduceMin result and work area
     }
     ub += 2 * r32(uint64_t(chunkInputs) * rp * 4);  // lseQue: two LSE chunks
     ub += 2 * r32(rp * 4);                          // outLseQue
@@ -43,7 +46,7 @@ std::string merge_attn_states_tiling(uint64_t rows, uint32_t numInputs, uint32_t
     if (vectorCores < 1) return "needs at least one vector core";
     const uint32_t dp = pad_dim(headDim, dtype);
     if (dp / 8 > 255) {  // one row of float32 is the repeat stride of the broadcast Mul (8 bits, in 32-byte blocks)
-        why << "head dim " << headDim << " > 2040 (a float32 row must fit the 8-bit repeat stride)";
+        why << "head dim " << headDim << " (padded to " << dp << ") > 2040: a float32 row must fit the 8-bit repeat stride";
         return why.str();
     }
     if (uint64_t(headDim) * elem_bytes(dtype) > 2097151) return "row too long for DataCopyPad";

@@ -47,6 +47,11 @@ public:
                 pipe->InitBuffer(accBuf_, tileElems * sizeof(float));
             }
             pipe->InitBuffer(prodBuf_, tileElems * sizeof(float));
+            // per-element weights and the "weight > 0" bits: an empty input's rows may hold NaN/inf
+            const uint32_t tile64 = (tileElems + 63) / 64 * 64;
+            pipe->InitBuffer(wfullBuf_, tile64 * sizeof(float));
+            pipe->InitBuffer(emaskBuf_, tile64 / 8);
+            pipe->InitBuffer(minBuf_, 2 * 64 * sizeof(float));
         }
         pipe->InitBuffer(lseQue_, BUFFER_NUM, t.chunkInputs * rp_ * sizeof(float));
         pipe->InitBuffer(outLseQue_, BUFFER_NUM, rp_ * sizeof(float));
@@ -172,6 +177,9 @@ private:
         const AscendC::DataCopyPadExtParams<T> zeroPad(true, 0, static_cast<uint8_t>(dp_ - d), T(0));
         const uint8_t rowBlocks = static_cast<uint8_t>(dp_ * sizeof(float) / 32);
         const AscendC::BinaryRepeatParams bcast(1, 1, 0, rowBlocks, rowBlocks, 1);
+        const AscendC::UnaryRepeatParams bcastUnary(1, 0, rowBlocks, 1);
+        AscendC::LocalTensor<float> wfull = wfullBuf_.Get<float>();
+        AscendC::LocalTensor<uint8_t> emask = emaskBuf_.Get<uint8_t>();
         bool first = true;
         for (uint32_t c0 = 0; c0 < t_.numInputs; c0 += t_.chunkInputs) {
             const uint32_t nc = Chunk(c0);
@@ -185,7 +193,18 @@ private:
                 AscendC::PipeBarrier<PIPE_V>();
             }
             for (uint32_t j = 0; j < nc; ++j) {
+                const bool masked = HasEmptyRow(w[j * rp_], rows);
                 AscendC::Brcb(brc, w[j * rp_], static_cast<uint8_t>((rows + 7) / 8), AscendC::BrcbRepeatParams(1, 8));
+                if (masked) {
+                    // 0 * NaN is NaN: rows of weight 0 (empty inputs) are cleared after the Mul
+                    AscendC::PipeBarrier<PIPE_V>();
+                    for (uint32_t k = 0; k < dp_; k += 64) {
+                        const uint32_t lanes = dp_ - k < 64 ? dp_ - k : 64;
+                        AscendC::Adds(wfull[k], brc, 0.0f, lanes, rows, bcastUnary);
+                    }
+                    AscendC::PipeBarrier<PIPE_V>();
+                    AscendC::Compares(emask, wfull, 0.0f, AscendC::CMPMODE::GT, (elems + 63) / 64 * 64);
+                }
                 AscendC::LocalTensor<T> x = inQue_.AllocTensor<T>();
                 AscendC::GlobalTensor<T> src;
                 src.SetGlobalBuffer(reinterpret_cast<__gm__ T*>(outTable_.GetValue(c0 + j)), t_.totalRows * d);
@@ -206,6 +225,10 @@ private:
                     AscendC::Mul(target[k], xf[k], brc, lanes, rows, bcast);
                 }
                 AscendC::PipeBarrier<PIPE_V>();
+                if (masked) {
+                    AscendC::Select(target, emask, target, 0.0f, AscendC::SELMODE::VSEL_TENSOR_SCALAR_MODE, elems);
+                    AscendC::PipeBarrier<PIPE_V>();
+                }
                 if (!first) {
                     AscendC::Add(acc, acc, prod, elems);
                     AscendC::PipeBarrier<PIPE_V>();
@@ -222,6 +245,20 @@ private:
         y = outQue_.DeQue<T>();
         AscendC::DataCopyPad(outGm_[row0 * d], y, rowsCopy);
         outQue_.FreeTensor(y);
+    }
+
+    // Whether some of the first `rows` weights is 0 (one ReduceMin and a scalar read: the
+    // masking it guards costs three more passes over the tile).
+    __aicore__ inline bool HasEmptyRow(const AscendC::LocalTensor<float>& w, uint32_t rows)
+    {
+        AscendC::LocalTensor<float> mn = minBuf_.Get<float>();
+        AscendC::ReduceMin(mn, w, mn[64], static_cast<int32_t>(rows));
+        AscendC::SetFlag<AscendC::HardEvent::V_S>(EVENT_ID0);
+        AscendC::WaitFlag<AscendC::HardEvent::V_S>(EVENT_ID0);
+        const bool empty = !(mn.GetValue(0) > 0.0f);
+        AscendC::SetFlag<AscendC::HardEvent::S_V>(EVENT_ID0);
+        AscendC::WaitFlag<AscendC::HardEvent::S_V>(EVENT_ID0);
+        return empty;
     }
 
     __aicore__ inline uint32_t Chunk(uint32_t c0) const
@@ -247,6 +284,9 @@ private:
     AscendC::TBuf<AscendC::TPosition::VECCALC> statBuf_;
     AscendC::TBuf<AscendC::TPosition::VECCALC> maskBuf_;
     AscendC::TBuf<AscendC::TPosition::VECCALC> brcBuf_;
+    AscendC::TBuf<AscendC::TPosition::VECCALC> wfullBuf_;
+    AscendC::TBuf<AscendC::TPosition::VECCALC> emaskBuf_;
+    AscendC::TBuf<AscendC::TPosition::VECCALC> minBuf_;
 };
 
 __aicore__ inline void ReadTiling(GM_ADDR tiling, MergeAttnStatesTiling& t)
