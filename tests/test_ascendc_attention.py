@@ -121,13 +121,35 @@ def test_emu_paged_decode_matches_oracle(c):
     check_paged(c)
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
-def test_emu_paged_decode_deepseek_mla_576_512(dtype):
-    """The DeepSeek latent cache (K row 576 = 512 + 64 rope, V = first 512 channels) with 16 query
-    heads on one latent head: the tiling must fit one work item in the UB."""
-    c = dict(mla=True, hkv=1, hq=16, dqk=576, dv=512, bs=16, il=1, world=2, rank=1, lens=[1, 37], nq=[1, 2],
+@pytest.mark.parametrize("dtype,hq", [("bfloat16", 16), ("float32", 16), ("float16", 128)])
+def test_emu_paged_decode_deepseek_mla_576_512(dtype, hq):
+    """The DeepSeek latent cache (K row 576 = 512 + 64 rope, V = first 512 channels) on one latent
+    head: 16 query heads fit one work item (float32 uses 195,520 of the 196,352 UB bytes, which the
+    emulation's InitBuffer would refuse to exceed); 128 heads run in chunks of 16."""
+    c = dict(mla=True, hkv=1, hq=hq, dqk=576, dv=512, bs=16, il=1, world=2, rank=1, lens=[1, 37], nq=[1, 2],
              dtype=dtype, seed=3)
     check_paged(c)
+
+
+def test_emu_kernels_say_why_they_cannot_run_a_shape():
+    """Shapes the tiling refuses come back as the backend's reasons (never a wrong answer)."""
+    from cpattn.backends import BackendError, dispatch
+
+    q = torch.zeros(1, 1, 2048)
+    kw = dict(q=q, k_cache=torch.zeros(2, 4, 1, 2048), v_cache=None, block_table=torch.zeros(1, 2, dtype=torch.int32),
+              query_start_loc=torch.tensor([0, 1]), visible_lens=torch.tensor([3]), scale=0.1, v_head_dim=512,
+              max_query_len=1, max_kv_len=3)
+    reasons = _emu().reasons("paged_attention", kw)
+    assert any("2040" in r for r in reasons), reasons
+    with pytest.raises(BackendError, match="2040"):
+        dispatch("paged_attention", "ascendc_emu", **kw)
+    kv = torch.zeros(3, 1, 4096)
+    reasons = _emu().reasons("attention", dict(q=torch.zeros(2, 1, 4096), k=kv, v=kv, cu_seqlens_q=torch.tensor([0, 2]),
+                                                cu_seqlens_k=torch.tensor([0, 3]), causal=False))
+    assert any("2040" in r for r in reasons), reasons
+    assert _emu().reasons("attention", dict(q=torch.zeros(2, 1, 8, dtype=torch.float64), k=kv[..., :8].double(),
+                                            v=kv[..., :8].double(), cu_seqlens_q=torch.tensor([0, 2]),
+                                            cu_seqlens_k=torch.tensor([0, 3]))), "float64 is refused"
 
 
 @pytest.mark.parametrize("group", [1, 3, 8])
@@ -232,6 +254,7 @@ def test_emu_varlen_rows_past_the_last_sequence_are_empty():
 
 # ------------------------------------------------------------------ the distributed ops on gloo ranks
 
+import _ascendc_ranks  # noqa: E402
 from _dcp_ranks import run_case  # noqa: E402
 from test_dcp import cases, check_case  # noqa: E402
 import pcp_ranks  # noqa: E402
@@ -244,6 +267,7 @@ from test_pcp import check_rows, oracle  # noqa: E402
 def test_dcp_on_ascendc_emu_matches_oracle(gloo, p):
     """dcp_decode_attention with backend="ascendc_emu": the paged kernel on every rank, the merge."""
     _emu()
+    gloo(p["world"]).run(_ascendc_ranks.load_emu, timeout=900)  # the extension, before the timed call
     from cpattn import dcp_combine
 
     combines = list(dcp_combine.allowed(p["heads"]))
@@ -258,6 +282,7 @@ def test_dcp_on_ascendc_emu_matches_oracle(gloo, p):
 def test_pcp_on_ascendc_emu_matches_oracle(gloo, n, lens, hkv, dtype, causal, method, seed):
     """pcp_ring_prefill with backend="ascendc_emu" (varlen kernel and merges) on gloo worlds 2-3."""
     _emu()
+    gloo(n).run(_ascendc_ranks.load_emu, timeout=900)  # the extension, before the timed call
     dt = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
     hq, dqk, dv = 2 * hkv, 24, 16
     res = gloo(n).run(pcp_ranks.prefill, seed, lens, hq, hkv, dqk, dv, dt, causal, method, backend="ascendc_emu")
