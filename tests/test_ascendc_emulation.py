@@ -130,6 +130,14 @@ def test_blocks_racing_on_global_memory(emu_lib, kernel):
     assert info.value.rule == "block-overlap"
 
 
+def test_barriers_and_flags_are_recorded(emu_lib):
+    run(emu_lib, "good_kernel", blocks=2)
+    buf = ctypes.create_string_buffer(4096)
+    n = emu_lib.emu_test_log(buf, 4096)
+    assert buf.value.decode().splitlines() == ["PipeBarrier PIPE_V", "SetFlag PIPE_V->PIPE_S 1", "WaitFlag PIPE_V->PIPE_S 1"]
+    assert n == 3
+
+
 def test_every_block_runs(emu_lib):
     y = run(emu_lib, "every_block_runs", blocks=37)
     np.testing.assert_array_equal(y[0:37 * 8:8], np.arange(37))

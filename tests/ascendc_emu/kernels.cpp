@@ -596,3 +596,11 @@ extern "C" __attribute__((visibility("default"))) int emu_test_run(const char* n
     }
     return 0;
 }
+
+// The barrier/flag record of the last block of the last launch, one entry per line.
+extern "C" __attribute__((visibility("default"))) int emu_test_log(char* out, int len) {
+    std::string all;
+    for (const auto& l : emu::core().log) all += l + "\n";
+    std::snprintf(out, size_t(len), "%s", all.c_str());
+    return int(emu::core().log.size());
+}
