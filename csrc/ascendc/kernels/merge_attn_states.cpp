@@ -253,11 +253,14 @@ private:
     {
         AscendC::LocalTensor<float> mn = minBuf_.Get<float>();
         AscendC::ReduceMin(mn, w, mn[64], static_cast<int32_t>(rows));
-        AscendC::SetFlag<AscendC::HardEvent::V_S>(EVENT_ID0);
-        AscendC::WaitFlag<AscendC::HardEvent::V_S>(EVENT_ID0);
+        // event ids from the pipe, not hard-coded: the queues use some ids themselves
+        const AscendC::TEventID vs = AscendC::GetTPipePtr()->FetchEventID(AscendC::HardEvent::V_S);
+        AscendC::SetFlag<AscendC::HardEvent::V_S>(vs);
+        AscendC::WaitFlag<AscendC::HardEvent::V_S>(vs);
         const bool empty = !(mn.GetValue(0) > 0.0f);
-        AscendC::SetFlag<AscendC::HardEvent::S_V>(EVENT_ID0);
-        AscendC::WaitFlag<AscendC::HardEvent::S_V>(EVENT_ID0);
+        const AscendC::TEventID sv = AscendC::GetTPipePtr()->FetchEventID(AscendC::HardEvent::S_V);
+        AscendC::SetFlag<AscendC::HardEvent::S_V>(sv);
+        AscendC::WaitFlag<AscendC::HardEvent::S_V>(sv);
         return empty;
     }
 
