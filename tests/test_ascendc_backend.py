@@ -50,6 +50,9 @@ def test_kernel_limits_are_reasons():
     assert any("contiguous" in x for x in r)
     r = A._check_merge([o.contiguous()], [l.double()], o.contiguous(), l)
     assert any("float32" in x for x in r)
+    acc = torch.randn(3, 2, 8)
+    r = A._check_merge([acc, acc.to(torch.bfloat16)], [l, l], acc, l)  # PCP's ring accumulator step
+    assert any("like out" in x for x in r)
     q = torch.randn(4, 2, 8, dtype=torch.float16)
     k = torch.randn(4, 2, 8, dtype=torch.float32)
     r = A._check_varlen(q, k, k, None, None)

@@ -63,6 +63,9 @@ def _check_merge(outs, lses, out, out_lse) -> list[str]:
     reasons = _common({}, out.dtype)
     if any(l.dtype != torch.float32 for l in lses) or out_lse.dtype != torch.float32:
         reasons.append("LSEs must be float32 (the kernel's LSE contract)")
+    if any(o.dtype != out.dtype for o in outs):
+        reasons.append(f"every partial must be {out.dtype} like out (the kernel reads one dtype; e.g. the ring's "
+                       "float32 accumulator with a 16-bit partial)")
     if out.shape[-1] == 0:
         reasons.append("head dim 0")
     if not (out.is_contiguous() and out_lse.is_contiguous()):
