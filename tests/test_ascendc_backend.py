@@ -51,7 +51,9 @@ def test_kernel_limits_are_reasons():
     r = A._check_merge([o.contiguous()], [l.double()], o.contiguous(), l)
     assert any("float32" in x for x in r)
     acc = torch.randn(3, 2, 8)
-    r = A._check_merge([acc, acc.to(torch.bfloat16)], [l, l], acc, l)  # PCP's ring accumulator step
+    r = A._check_merge([acc, acc.to(torch.bfloat16)], [l, l], acc, l)  # PCP's ring accumulator step: widened
+    assert not any("like out" in x for x in r)
+    r = A._check_merge([acc, acc.to(torch.bfloat16)], [l, l], acc.to(torch.bfloat16), l)  # would round down
     assert any("like out" in x for x in r)
     q = torch.randn(4, 2, 8, dtype=torch.float16)
     k = torch.randn(4, 2, 8, dtype=torch.float32)

@@ -144,3 +144,21 @@ def test_npu_public_ops_choose_ascendc_and_match_the_oracle():
     bo, bl = reference.attention(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, causal=True, dtype=torch.bfloat16)
     assert_close(out.cpu(), ro, bo.to(torch.bfloat16), dtype=torch.bfloat16)
     assert_close(lse.cpu(), rl, bl, dtype=torch.float32, what="lse")
+
+
+def test_npu_merge_widens_16bit_partials_into_a_float32_out():
+    """PCP's ring accumulator step: a float32 accumulator merged with a bfloat16 partial."""
+    from cpattn.backends import get_backend
+
+    g = torch.Generator().manual_seed(5)
+    acc, part = torch.randn(9, 4, 40, generator=g), torch.randn(9, 4, 40, generator=g).to(torch.bfloat16)
+    la, lp = torch.randn(9, 4, generator=g), torch.randn(9, 4, generator=g)
+    ref = reference.merge_n([acc, part], [la, lp])
+    base = reference.merge_n([acc, part.float()], [la, lp], dtype=torch.float32)
+    out, lse = acc.to(DEV), la.to(DEV)
+    inputs = {"outs": [out, part.to(DEV)], "lses": [lse, lp.to(DEV)], "out": out, "out_lse": lse}
+    be = get_backend("ascendc")
+    assert be.reasons("merge", inputs) == []
+    be.run("merge", **inputs)  # in place on the accumulator, as the ring does
+    assert_close(out.cpu(), ref[0], base[0], dtype=torch.float32)
+    assert_close(lse.cpu(), ref[1], base[1], dtype=torch.float32, what="lse")

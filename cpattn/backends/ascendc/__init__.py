@@ -63,9 +63,9 @@ def _check_merge(outs, lses, out, out_lse) -> list[str]:
     reasons = _common({}, out.dtype)
     if any(l.dtype != torch.float32 for l in lses) or out_lse.dtype != torch.float32:
         reasons.append("LSEs must be float32 (the kernel's LSE contract)")
-    if any(o.dtype != out.dtype for o in outs):
-        reasons.append(f"every partial must be {out.dtype} like out (the kernel reads one dtype; e.g. the ring's "
-                       "float32 accumulator with a 16-bit partial)")
+    if any(o.dtype != out.dtype and not _widens(o.dtype, out.dtype) for o in outs):
+        reasons.append(f"partials must be {out.dtype} like out, or 16-bit into a float32 out (the kernel reads "
+                       "one dtype; rounding a partial down before merging would lose precision)")
     if out.shape[-1] == 0:
         reasons.append("head dim 0")
     if not (out.is_contiguous() and out_lse.is_contiguous()):
@@ -73,14 +73,21 @@ def _check_merge(outs, lses, out, out_lse) -> list[str]:
     if reasons:
         return reasons
     d = out.shape[-1]
-    return _kernel_says(out, torch.ops.cpattn.ascendc_merge_attn_states_check, [o.reshape(-1, d) for o in outs],
+    rows = [out.view(-1, d)] * len(outs)  # what the kernel will read: out's dtype and size (see merge)
+    return _kernel_says(out, torch.ops.cpattn.ascendc_merge_attn_states_check, rows,
                         [l.reshape(-1) for l in lses], out.view(-1, d), out_lse.view(-1))
 
 
+def _widens(src: torch.dtype, dst: torch.dtype) -> bool:
+    return dst == torch.float32 and src in (torch.float16, torch.bfloat16)
+
+
 def merge(outs, lses, out, out_lse) -> None:
+    """16-bit partials merged into a float32 ``out`` (PCP's ring accumulator) are widened first
+    (exact); the kernel then reads one dtype."""
     d = out.shape[-1]
-    rows = [o.reshape(-1, d).contiguous() if not o.is_contiguous() else o.view(-1, d) for o in outs]
-    rl = [l.reshape(-1).contiguous() for l in lses]
+    rows = [(o if o.dtype == out.dtype else o.to(out.dtype)).reshape(-1, d) for o in outs]
+    rl = [l.reshape(-1) for l in lses]
     torch.ops.cpattn.ascendc_merge_attn_states(rows, rl, out.view(-1, d), out_lse.view(-1))
 
 
