@@ -8,7 +8,15 @@ VENV  ?= .venv
 TORCH ?= torch==2.13.0
 PY    := $(VENV)/bin/python
 
-.PHONY: bench test thorough setup clean
+# The AscendC backend's host code, compile-checked without CANN (g++ -fsyntax-only) against the C++
+# headers shipped in the torch_npu wheel (and its ACL/HCCL headers) and the torch release it pairs
+# with, installed (no dependencies) into a separate venv: torch_npu must never be installed into
+# .venv, where it would make `import torch` fail without CANN. What it covers: docs/ascendc.md.
+NPU_VENV  ?= .venv-npu-check
+TORCH_NPU ?= torch-npu==2.14.0
+NPU_TORCH ?= torch==2.14.1
+
+.PHONY: bench test thorough setup clean check-ascendc-host
 
 $(VENV)/.installed: setup.py pyproject.toml Makefile
 	python3 -m venv $(VENV)
@@ -28,5 +36,13 @@ test: $(VENV)/.installed
 thorough: $(VENV)/.installed
 	CPATTN_HYPOTHESIS_PROFILE=thorough $(PY) -m pytest -q
 
+$(NPU_VENV)/.installed: Makefile
+	python3 -m venv $(NPU_VENV)
+	$(NPU_VENV)/bin/python -m pip install -q --no-deps "$(NPU_TORCH)" "$(TORCH_NPU)"
+	touch $@
+
+check-ascendc-host: $(NPU_VENV)/.installed
+	bash csrc/ascendc/npu/check_host.sh "$$($(NPU_VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+
 clean:
-	rm -rf $(VENV) .hypothesis .pytest_cache *.egg-info
+	rm -rf $(VENV) $(NPU_VENV) .hypothesis .pytest_cache *.egg-info

@@ -153,3 +153,48 @@ def _(q, k, v, plan_key):
     from . import pcp as _pcp
 
     return _pcp.empty_outputs(q, v)
+
+
+# ---------------------------------------------------------------- AscendC backend kernels
+# Backend-level ops (no validation: the public ops validate, then the registry dispatches to
+# cpattn.backends.ascendc, which calls these). Only the schemas and fake implementations live
+# here; the NPU (PrivateUse1) implementations are registered by the compiled extension
+# (csrc/ascendc/npu/), which exists only where cpattn was built with a CANN toolkit. Each
+# ``*_check`` op takes the kernel op's arguments and returns why the kernel cannot run them
+# ("" when it can: the same validation and host tiling, no launch): the backend's reasons.
+
+_ascendc_lib = torch.library.Library("cpattn", "FRAGMENT")
+_ascendc_lib.define(
+    "ascendc_merge_attn_states(Tensor[] outs, Tensor[] lses, Tensor(a!) out, Tensor(b!) out_lse) -> ()")
+_ascendc_lib.define(
+    "ascendc_paged_decode(Tensor q, Tensor k_cache, Tensor? v_cache, Tensor block_table, Tensor query_start_loc, "
+    "Tensor visible_lens, float scale, int v_head_dim, int max_query_len, int max_kv_len) -> (Tensor, Tensor)")
+_ascendc_lib.define(
+    "ascendc_varlen_prefill(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
+    "Tensor? q_positions, Tensor? k_positions, bool causal, float scale) -> (Tensor, Tensor)")
+for _name, _args in (
+    ("ascendc_merge_attn_states", "Tensor[] outs, Tensor[] lses, Tensor out, Tensor out_lse"),
+    ("ascendc_paged_decode", "Tensor q, Tensor k_cache, Tensor? v_cache, Tensor block_table, Tensor query_start_loc, "
+                             "Tensor visible_lens, float scale, int v_head_dim, int max_query_len, int max_kv_len"),
+    ("ascendc_varlen_prefill", "Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
+                               "Tensor? q_positions, Tensor? k_positions, bool causal, float scale"),
+):
+    _ascendc_lib.define(f"{_name}_check({_args}) -> str")
+
+
+@register_fake("cpattn::ascendc_merge_attn_states")
+def _(outs, lses, out, out_lse):
+    return None
+
+
+@register_fake("cpattn::ascendc_paged_decode")
+def _(q, k_cache, v_cache, block_table, query_start_loc, visible_lens, scale, v_head_dim, max_query_len,
+      max_kv_len):
+    return (q.new_empty(q.shape[0], q.shape[1], v_head_dim),
+            q.new_empty(q.shape[0], q.shape[1], dtype=torch.float32))
+
+
+@register_fake("cpattn::ascendc_varlen_prefill")
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, q_positions, k_positions, causal, scale):
+    return (q.new_empty(q.shape[0], q.shape[1], v.shape[-1]),
+            q.new_empty(q.shape[0], q.shape[1], dtype=torch.float32))

@@ -6,6 +6,15 @@ single process when ``torch.distributed`` is not initialised (world size 1, no c
 Portability rules followed here (gloo in torch 2.13): all-gathers use a flat ``world * n``
 buffer, never a stacked output or uneven lists; no ``PREMUL_SUM``; no send to oneself (callers
 skip the ring at world size 1).
+
+HCCL (torch_npu's ``hccl`` backend) publishes narrower support than gloo or NCCL: all-reduce and
+reduce-scatter refuse float64 on Atlas A2/A3; the flat all-gather and reduce-scatter take
+bf16/fp16/fp32/int8/int32/bool only and not at world sizes 3, 5, 6 or 7; ``all_to_all_single``
+takes fp32 only (docs/ascendc.md, "HCCL"). On the backends in :data:`PORTABLE_BACKENDS` this
+module therefore moves every tensor as a same-bytes view of a supported dtype (exact: these
+collectives only move bytes), uses the list all-gather at those world sizes, and sums what HCCL
+cannot sum itself locally after an all-to-all (reduce-scatter) and an all-gather (all-reduce),
+with the same bytes on the wire as the bandwidth-optimal collective.
 """
 from __future__ import annotations
 
@@ -40,6 +49,13 @@ class CollectiveInputError(ValueError):
 # torch >= 2.13 renamed the flat-buffer collectives; keep working on older releases too.
 _all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+#: Backends whose collectives go through the HCCL-safe paths below (tests add "gloo" to check them).
+PORTABLE_BACKENDS = frozenset({"hccl"})
+# What HCCL publishes support for (torch_npu docs for torch 2.12/2.13; ProcessGroupHCCL.cpp).
+_FLAT_WORLD_UNSUPPORTED = (3, 5, 6, 7)  # flat all-gather / reduce-scatter
+_REDUCE_SCATTER_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.int8, torch.int32)
+_ALL_REDUCE_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.int32, torch.int64, torch.bool)
 
 
 def _initialized() -> bool:
@@ -120,6 +136,24 @@ def resolve_group(name: str | None):
         raise ValueError(f"process group {name!r} was destroyed (destroy_process_group) or never registered") from exc
 
 
+def _portable(group) -> bool:
+    return dist.get_backend(group) in PORTABLE_BACKENDS
+
+
+def _words(t: torch.Tensor, word: torch.dtype) -> torch.Tensor:
+    """The bytes of contiguous ``t`` as a 1-D tensor of ``word``: the same storage, or for an
+    input whose storage offset is not a whole number of words, a copy (outputs are fresh buffers)."""
+    b = t.reshape(-1).view(torch.uint8)
+    try:
+        return b.view(word)
+    except RuntimeError:
+        return b.clone().view(word)
+
+
+def _word_for(nbytes: int) -> torch.dtype:
+    return torch.int32 if nbytes % 4 == 0 else torch.int8
+
+
 def all_gather(t: torch.Tensor, group=None) -> torch.Tensor:
     """``[N, *t.shape]``: every rank's ``t`` (same shape on all ranks), through a flat buffer."""
     n = world_size(group)
@@ -127,15 +161,42 @@ def all_gather(t: torch.Tensor, group=None) -> torch.Tensor:
         return t.unsqueeze(0)
     src = t.contiguous()
     flat = torch.empty(n * src.numel(), dtype=src.dtype, device=src.device)
-    _all_gather_flat(flat, src.view(-1), group=group)
+    if not _portable(group):
+        _all_gather_flat(flat, src.view(-1), group=group)
+        return flat.view(n, *src.shape)
+    word = _word_for(src.numel() * src.element_size())
+    out, inp = _words(flat, word), _words(src, word)
+    if n in _FLAT_WORLD_UNSUPPORTED:  # the list form, into views of the flat buffer
+        dist.all_gather(list(out.view(n, inp.numel()).unbind(0)), inp, group=group)
+    else:
+        _all_gather_flat(out, inp, group=group)
     return flat.view(n, *src.shape)
 
 
 def all_reduce_sum(t: torch.Tensor, group=None) -> torch.Tensor:
     """Sum over ranks, in place on ``t`` (contiguous); returns ``t``."""
-    if world_size(group) > 1:
+    n = world_size(group)
+    if n == 1:
+        return t
+    if not _portable(group) or t.dtype in _ALL_REDUCE_DTYPES:
         dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+        return t
+    # e.g. float64 on HCCL: reduce-scatter (all-to-all + local sum), then all-gather; every rank
+    # ends with the same bits (each chunk is summed once, by its owner).
+    m = -(-t.numel() // n)
+    buf = torch.zeros(n * m, dtype=t.dtype, device=t.device)
+    buf[: t.numel()] = t.reshape(-1)
+    t.view(-1).copy_(all_gather(_sum_blocks(all_to_all(buf, group), n), group).view(-1)[: t.numel()])
     return t
+
+
+def _sum_blocks(blocks: torch.Tensor, n: int) -> torch.Tensor:
+    """Sum of the ``n`` row blocks of ``blocks``, added in rank order."""
+    parts = blocks.view(n, blocks.shape[0] // n, *blocks.shape[1:])
+    acc = parts[0].clone()
+    for i in range(1, n):
+        acc += parts[i]
+    return acc
 
 
 def reduce_scatter_sum(t: torch.Tensor, group=None) -> torch.Tensor:
@@ -144,6 +205,8 @@ def reduce_scatter_sum(t: torch.Tensor, group=None) -> torch.Tensor:
     if n == 1:
         return t
     src = t.contiguous()
+    if _portable(group) and (src.dtype not in _REDUCE_SCATTER_DTYPES or n in _FLAT_WORLD_UNSUPPORTED):
+        return _sum_blocks(all_to_all(src, group), n)  # the same bytes on the wire as a reduce-scatter
     out = torch.empty((src.shape[0] // n, *src.shape[1:]), dtype=src.dtype, device=src.device)
     _reduce_scatter_flat(out, src, op=dist.ReduceOp.SUM, group=group)
     return out
@@ -152,11 +215,30 @@ def reduce_scatter_sum(t: torch.Tensor, group=None) -> torch.Tensor:
 def all_to_all(t: torch.Tensor, group=None) -> torch.Tensor:
     """``t [N * m, ...]``: row block ``j`` goes to rank ``j``; returns the blocks received, in rank
     order (block ``i`` came from rank ``i``)."""
-    if world_size(group) == 1:
+    n = world_size(group)
+    if n == 1:
         return t
     src = t.contiguous()
     out = torch.empty_like(src)
-    dist.all_to_all_single(out, src, group=group)
+    if not _portable(group):
+        dist.all_to_all_single(out, src, group=group)
+        return out
+    block_bytes = src.numel() // n * src.element_size()
+    if block_bytes % 4 == 0:  # HCCL publishes all_to_all_single for fp32 only: move the bytes as fp32
+        dist.all_to_all_single(_words(out, torch.float32), _words(src, torch.float32), group=group)
+        return out
+    # Blocks that are no whole number of fp32 words: one batch of point-to-point transfers
+    # (HCCL publishes P2P for every dtype); this rank's own block is a local copy.
+    me, ins, outs = rank(group), _words(src, torch.uint8).view(n, -1), _words(out, torch.uint8).view(n, -1)
+    to_global = (lambda r: dist.get_global_rank(group, r)) if group is not None else (lambda r: r)
+    ops = []
+    for j in range(n):
+        if j != me:
+            ops.append(dist.P2POp(dist.isend, ins[j], to_global(j), group=group))
+            ops.append(dist.P2POp(dist.irecv, outs[j], to_global(j), group=group))
+    for w in dist.batch_isend_irecv(ops):
+        w.wait()
+    outs[me].copy_(ins[me])
     return out
 
 

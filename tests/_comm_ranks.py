@@ -66,3 +66,48 @@ def hang_on_rank0(seconds: float):
 
 def rank_and_threads():
     return comm.rank(), comm.world_size(), torch.get_num_threads()
+
+
+def portable_vs_native(dtype_name: str, numel: int) -> dict:
+    """Every comm collective on ``numel``-element tensors of ``dtype_name``, once through gloo's
+    own collectives and once through the HCCL-safe paths (comm.PORTABLE_BACKENDS), as raw bytes."""
+    from unittest import mock
+
+    r, n = comm.rank(), comm.world_size()
+    dt = getattr(torch, dtype_name)
+    g = torch.Generator().manual_seed(1234 + r)
+    if dt.is_floating_point:
+        # dyadic values: every sum below is exact, whatever the order of the additions
+        base = (torch.randint(-64, 64, (n * numel,), generator=g).to(torch.float64) / 8).to(dt)
+    elif dt == torch.bool:
+        base = torch.randint(0, 2, (n * numel,), generator=g).bool()
+    else:
+        base = torch.randint(0, 100, (n * numel,), generator=g).to(dt)
+
+    def run():
+        out = {"gather": comm.all_gather(base[:numel]), "a2a": comm.all_to_all(base)}
+        if dt != torch.bool and dt != torch.uint8:
+            out["reduce"] = comm.all_reduce_sum(base[:numel].clone())
+            out["scatter"] = comm.reduce_scatter_sum(base)
+        return {k: (tuple(v.shape), str(v.dtype), bytes(v.contiguous().view(-1).view(torch.uint8).tolist()))
+                for k, v in out.items()}
+
+    native = run()
+    calls = []
+
+    def spy(name, fn):
+        def wrapped(*args, **kw):
+            tensors = [a for a in args if isinstance(a, torch.Tensor)] or [args[0][0]]
+            calls.append((name, str(tensors[0].dtype)))
+            return fn(*args, **kw)
+        return wrapped
+
+    with mock.patch.object(comm, "PORTABLE_BACKENDS", frozenset({"gloo"})), \
+            mock.patch.object(comm, "_all_gather_flat", spy("all_gather_flat", comm._all_gather_flat)), \
+            mock.patch.object(comm, "_reduce_scatter_flat", spy("reduce_scatter_flat", comm._reduce_scatter_flat)), \
+            mock.patch.object(dist, "all_gather", spy("all_gather", dist.all_gather)), \
+            mock.patch.object(dist, "all_reduce", spy("all_reduce", dist.all_reduce)), \
+            mock.patch.object(dist, "all_to_all_single", spy("all_to_all_single", dist.all_to_all_single)), \
+            mock.patch.object(dist, "P2POp", spy("p2p", dist.P2POp)):
+        portable = run()
+    return {"native": native, "portable": portable, "calls": calls}

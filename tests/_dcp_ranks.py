@@ -67,6 +67,12 @@ def run_case(p: dict, combines: list[str]) -> dict:
     return res
 
 
+def run_case_hccl_safe(p: dict, combines: list[str]) -> dict:
+    """run_case with comm's HCCL-safe collectives (comm.PORTABLE_BACKENDS) on gloo."""
+    with mock.patch.object(comm, "PORTABLE_BACKENDS", frozenset({"gloo"})):
+        return run_case(p, combines)
+
+
 def run_without_collectives(p: dict, combines: list[str]) -> dict:
     """World size 1 with every collective patched to fail: proves none is called."""
     def boom(*a, **k):

@@ -87,3 +87,28 @@ def test_rank_errors_carry_every_outcome(gloo):
 
 def test_threads_per_rank(gloo):
     assert [x[2] for x in gloo(2).run(R.rank_and_threads)] == [1, 1]
+
+
+@pytest.mark.parametrize("n", [2, 3, 4])
+@pytest.mark.parametrize("dtype,numel", [("float64", 6), ("float32", 5), ("bfloat16", 3), ("int64", 4),
+                                         ("uint8", 3), ("bool", 5), ("float64", 0)])
+def test_hccl_safe_paths_equal_gloo_collectives(gloo, n, dtype, numel):
+    # The paths comm takes on HCCL (bytes moved as int32/int8/fp32 words, list all-gather at world 3,
+    # float64 sums as all-to-all + local sum (+ all-gather), odd-sized all-to-all blocks as batched P2P)
+    # give bitwise what gloo's own collectives give. uint8 blocks of 3 bytes take the P2P path.
+    # Every collective issued on that path is one HCCL publishes support for (docs/ascendc.md, HCCL).
+    published = {
+        "all_gather_flat": {"torch.bfloat16", "torch.float16", "torch.float32", "torch.int8", "torch.int32", "torch.bool"},
+        "all_gather": {"torch.bfloat16", "torch.float16", "torch.float32", "torch.int8", "torch.int32", "torch.bool"},
+        "reduce_scatter_flat": {"torch.bfloat16", "torch.float16", "torch.float32", "torch.int8", "torch.int32"},
+        "all_reduce": {"torch.bfloat16", "torch.float16", "torch.float32", "torch.int32", "torch.int64", "torch.bool"},
+        "all_to_all_single": {"torch.float32"},
+        "p2p": {"torch.bfloat16", "torch.float16", "torch.float32", "torch.float64", "torch.uint8", "torch.int8",
+                "torch.int16", "torch.int32", "torch.int64", "torch.bool"},
+    }
+    for got in gloo(n).run(R.portable_vs_native, dtype, numel):
+        assert got["portable"] == got["native"]
+        assert got["calls"], "the HCCL-safe path issued no collective"
+        for name, dt in got["calls"]:
+            assert dt in published[name], (name, dt)
+            assert not (n in (3, 5, 6, 7) and name in ("all_gather_flat", "reduce_scatter_flat")), (name, n)

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 import cpattn
 from cpattn import dcp_combine, reference
-from _dcp_ranks import DTYPES, make_case, run_case, run_case_in_subgroups, run_without_collectives
+from _dcp_ranks import DTYPES, make_case, run_case, run_case_hccl_safe, run_case_in_subgroups, run_without_collectives
 from conftest import examples
 from tolerance import assert_close
 
@@ -92,6 +92,16 @@ def test_reference_backend_agrees(gloo, world, heads):
     p = {"seed": 5, "world": world, "bs": 4, "il": 4, "mla": False, "heads": heads, "hq": 4 * world, "hkv": 2,
          "dqk": 8, "dv": 8, "lens": [1, 9, 30], "nq": [1, 3, 2], "dtype": "float32", "backend": "reference"}
     check_case(p, gloo(world).run(run_case, p, list(dcp_combine.allowed(heads))))
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("heads", ["replicated", "sharded"])
+def test_hccl_safe_collectives(gloo, world, heads):
+    """Every combine strategy through comm's HCCL paths (float32 queries: float64 partial sums,
+    which HCCL cannot all-reduce or reduce-scatter; world 3: no flat all-gather on HCCL)."""
+    p = {"seed": 11, "world": world, "bs": 2, "il": 1, "mla": False, "heads": heads, "hq": 2 * world, "hkv": 1,
+         "dqk": 8, "dv": 6, "lens": [0, 7, 13], "nq": [0, 2, 1], "dtype": "float32"}
+    check_case(p, gloo(world).run(run_case_hccl_safe, p, list(dcp_combine.allowed(heads))))
 
 
 @pytest.mark.parametrize("heads", ["replicated", "sharded"])

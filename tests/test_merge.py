@@ -16,7 +16,7 @@ from cpattn import reference
 from conftest import examples
 from tolerance import assert_close
 
-BACKENDS = ["pytorch", "reference"]
+BACKENDS = ["pytorch", "reference", "ascendc_emu"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 INF, NAN = float("inf"), float("nan")
 

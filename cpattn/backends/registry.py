@@ -10,7 +10,8 @@ it cannot run a given input (empty list: it can). Dispatch:
   input, :class:`BackendError` lists every backend's reasons.
 
 Backends are imported lazily, so an optional one (Triton, AscendC) whose dependencies are
-missing only reports "not importable: ..." as its reason and never breaks ``import cpattn``.
+missing only reports "not importable: ..." (or, for AscendC, "extension not built ...") as its
+reason and never breaks ``import cpattn``.
 
 Kernel signatures (internal, after the public layer validated the input):
 
@@ -49,9 +50,12 @@ ENV_VAR = "CPATTN_BACKEND"
 # Module that defines each backend (as a module-level ``BACKEND``), in automatic-choice order:
 # fastest first, the float64 oracle last.
 _MODULES = {
+    "ascendc": "cpattn.backends.ascendc",
     "triton": "cpattn.backends.triton",
     "pytorch": "cpattn.backends.pytorch",
     "reference": "cpattn.backends.reference",
+    # never chosen automatically (auto_device_types=()): a test vehicle for the AscendC kernels
+    "ascendc_emu": "cpattn.backends.ascendc_emu",
 }
 AUTO_ORDER = tuple(_MODULES)
 
@@ -97,10 +101,13 @@ class Backend:
         reasons = []
         dev = _device_type(inputs)
         if self.device_types is not None and dev is not None and dev not in self.device_types:
-            reasons.append(f"runs on {'/'.join(self.device_types)}, not on '{dev}' tensors")
-        elif auto and self.auto_device_types is not None and dev is not None and dev not in self.auto_device_types:
-            reasons.append(f"is chosen automatically only for {'/'.join(self.auto_device_types)} tensors "
-                           f"(request it explicitly for '{dev}')")
+            return [f"runs on {'/'.join(self.device_types)}, not on '{dev}' tensors"]
+        if auto and self.auto_device_types is not None and dev is not None and dev not in self.auto_device_types:
+            if not self.auto_device_types:
+                return ["is never chosen automatically (request it explicitly)"]
+            # the kernel's own check (which may be costly, e.g. building an extension) is skipped
+            return [f"is chosen automatically only for {'/'.join(self.auto_device_types)} tensors "
+                    f"(request it explicitly for '{dev}')"]
         check = self.kernels[op].check
         if check is not None:
             reasons.extend(check(**inputs))
