@@ -7,6 +7,9 @@ Public ops (also registered as ``torch.ops.cpattn.<name>``):
   :mod:`cpattn.layout` (who owns which token), :mod:`cpattn.config` (deployment checks).
 * :func:`pcp_ring_prefill`: prefill attention of a prompt spread over ranks (PCP), with
   :func:`pcp_partition` (head-tail token layout) and :func:`pcp_restore` (back to global order).
+* :func:`pcp_to_dcp_handoff`: move a PCP prefill's K/V rows into the DCP-layout paged cache.
+* :mod:`cpattn.integrations.transformers` (extra ``cpattn[transformers]``, imported on demand):
+  ``ContextParallelLM``, PCP prefill + DCP decode for Hugging Face models.
 
 LSE contract (:mod:`cpattn.lse`): float32, natural log, shaped like ``out`` without its last
 dim; ``(0, -inf)`` is the empty state; ``+inf``/NaN input LSEs are treated as empty.
@@ -19,6 +22,7 @@ from .backends import BackendError, list_backends
 from .merge import merge_attn_states, merge_attn_states_n
 from .partition import pcp_partition, pcp_restore
 from .pcp import PcpContext, pcp_ring_prefill
+from .handoff import pcp_to_dcp_handoff
 
 __version__ = "0.1.0"
 
@@ -35,5 +39,6 @@ __all__ = [
     "pcp_partition",
     "pcp_restore",
     "pcp_ring_prefill",
+    "pcp_to_dcp_handoff",
     "reference",
 ]
