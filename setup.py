@@ -15,6 +15,8 @@ setup(
     extras_require={
         "test": ["pytest>=7", "hypothesis>=6.100", "pytest-timeout>=2"],
         "triton": ["triton>=3.2"],
+        # cpattn.integrations.transformers (ContextParallelLM); the core never imports it
+        "transformers": ["transformers>=5"],
     },
     entry_points={"console_scripts": ["cpattn-bench=cpattn.bench.cli:main"]},
 )
