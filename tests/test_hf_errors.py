@@ -60,7 +60,8 @@ def test_mistral_without_sliding_window_runs():
     m = H.build("mistral", sliding_window=None)
     lm = ContextParallelLM(m, block_size=4)
     got = lm.generate([[1, 2, 3]], max_new_tokens=3, eos_token_id=None)
-    want = m.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=3, do_sample=False, eos_token_id=None, pad_token_id=0)
+    ids = torch.tensor([[1, 2, 3]])
+    want = m.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False, eos_token_id=None, pad_token_id=0)
     assert got == [want[0, 3:].tolist()]
 
 
@@ -156,5 +157,6 @@ def test_eos_stops_a_request_like_stock_generate(qwen):
     eos = free[2]
     got = lm.generate([[5, 6, 7], [5, 6]], max_new_tokens=6, eos_token_id=eos)
     assert got[0] == free[:free.index(eos) + 1]
-    want = qwen.generate(torch.tensor([[5, 6]]), max_new_tokens=6, do_sample=False, eos_token_id=eos, pad_token_id=0)
+    ids = torch.tensor([[5, 6]])
+    want = qwen.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False, eos_token_id=eos, pad_token_id=0)
     assert got[1] == want[0, 2:].tolist()

@@ -48,7 +48,8 @@ def _stock(kind: str, prompts):
             m64.set_experts_implementation("eager")  # grouped_mm has no float64 kernel
         gens = []
         for p in prompts:
-            g = m32.generate(torch.tensor([p]), max_new_tokens=NEW, do_sample=False, output_logits=True,
+            ids = torch.tensor([p])  # all-ones mask: else generate takes prompt tokens == pad_token_id for padding
+            g = m32.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW, do_sample=False, output_logits=True,
                              return_dict_in_generate=True, eos_token_id=None, pad_token_id=0)
             gens.append((g.sequences[0, len(p):].tolist(), torch.cat(g.logits)))
         _stock_cache[kind] = (m32, m64, gens)
