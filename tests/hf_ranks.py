@@ -47,3 +47,21 @@ def cp_run(kind: str, seed: int, prompts, max_new_tokens: int, block_size: int, 
     toks, logits = lm.generate(prompts, max_new_tokens=max_new_tokens, eos_token_id=None, output_logits=True)
     pre = lm.prefill_logits(prompts)
     return toks, logits, pre, model.config._attn_implementation
+
+
+def cp_disagree(kind: str, what: str):
+    """Rank 1 asks for something else than rank 0 (``what``); every rank must raise, none hang."""
+    from cpattn.integrations.transformers import ContextParallelLM
+    from cpattn.testing import gloo as G
+
+    lm = ContextParallelLM(build(kind, 0), None, block_size=4)
+    prompts, kw = [[1, 2, 3], [4]], {}
+    if G.RANK == 1:
+        if what == "prompts":
+            prompts = [[1, 2, 3], [5]]
+        elif what == "do_sample":
+            kw = {"do_sample": True}
+        elif what == "max_new_tokens":
+            kw = {"max_new_tokens": 3}
+    lm.generate(prompts, **{"max_new_tokens": 2, **kw})
+    return "no error"

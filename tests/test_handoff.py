@@ -22,7 +22,7 @@ from conftest import examples
 
 
 
-@settings(max_examples=examples(200, 5000))
+@settings(max_examples=examples(60, 5000))
 @given(lens=st.lists(st.integers(0, 40), min_size=1, max_size=5), n=st.integers(1, 4), il=st.sampled_from([1, 2, 4]),
        data=st.data())
 def test_routes_cover_every_token_once_at_its_owner(lens, n, il, data):
@@ -46,7 +46,7 @@ def test_routes_cover_every_token_once_at_its_owner(lens, n, il, data):
         assert sorted(order.tolist()) == list(range(sum(send)))
 
 
-@settings(max_examples=examples(100, 3000))
+@settings(max_examples=examples(60, 3000))
 @given(lens=st.lists(st.integers(0, 70), min_size=1, max_size=5), n=st.integers(1, 4), il=st.sampled_from([1, 2, 4]),
        bs_mult=st.integers(1, 3), first=st.integers(0, 5))
 def test_allocate_block_table(lens, n, il, bs_mult, first):

@@ -103,3 +103,15 @@ def test_matches_stock_model(gloo, world, case):
                 compared += 1
     print(f"{kind} world {world}: compared {compared} of {total} tokens")
     assert compared >= 0.8 * total, f"only {compared} of {total} tokens were outside rounding ties"
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("what", ["prompts", "do_sample", "max_new_tokens"])
+def test_ranks_that_disagree_all_raise(gloo, what):
+    from cpattn.testing.gloo import RankErrors
+
+    with pytest.raises(RankErrors) as ei:
+        gloo(2).run(H.cp_disagree, "qwen2", what, timeout=120)
+    for o in ei.value.outcomes:
+        assert not o.ok and o.error_type in ("CollectiveInputError", "UnsupportedModelError", "ValueError"), o.message
+        assert "ContextParallelLM.generate" in o.message

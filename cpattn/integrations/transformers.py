@@ -106,11 +106,16 @@ class ContextParallelLM:
         greedy mode, e.g. ``repetition_penalty``). Collective over ``group``."""
         import time
 
-        check_generation(self.model, options)
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-            raise ValueError(f"ContextParallelLM.generate: max_new_tokens must be an int >= 0; got {max_new_tokens!r}")
-        eos = self._eos(eos_token_id)
-        prompts = self._agree_prompts("generate", prompts, {"max_new_tokens": max_new_tokens, "eos": sorted(eos)})
+        err, eos = None, set()
+        try:  # refused on every rank together (the agreement below), never on one rank alone
+            check_generation(self.model, options)
+            if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+                raise ValueError(f"ContextParallelLM.generate: max_new_tokens must be an int >= 0; got {max_new_tokens!r}")
+            eos = self._eos(eos_token_id)
+        except (TypeError, ValueError) as exc:
+            err = exc
+        prompts = self._agree_prompts("generate", prompts, {"max_new_tokens": repr(max_new_tokens), "eos": sorted(eos),
+                                                            "options": repr(sorted(options.items()))}, err)
         B = len(prompts)
         out: list[list[int]] = [[] for _ in range(B)]
         outl: list[list[torch.Tensor]] = [[] for _ in range(B)]
@@ -154,8 +159,10 @@ class ContextParallelLM:
                             f"got {eos_token_id!r}")
         return set(vals)
 
-    def _agree_prompts(self, op: str, prompts, extra: dict) -> list[list[int]]:
-        err, vals = None, None
+    def _agree_prompts(self, op: str, prompts, extra: dict, err: Exception | None = None) -> list[list[int]]:
+        """Validate the prompts and make every rank agree on them (and on ``extra``); an ``err``
+        found earlier, or a bad prompt on any rank, raises on every rank."""
+        vals = None
         try:
             if isinstance(prompts, torch.Tensor) or not isinstance(prompts, (list, tuple)):
                 raise TypeError(f"ContextParallelLM.{op}: prompts must be a list of token-id lists; got "
@@ -171,7 +178,7 @@ class ContextParallelLM:
                     raise ValueError(f"ContextParallelLM.{op}: prompts[{i}] has token ids outside [0, {self.vocab_size})")
                 vals.append(list(p))
         except (TypeError, ValueError) as exc:
-            err = exc
+            err = err or exc
         fields = {"prompts": None if vals is None else tuple(map(tuple, vals)), **extra}
         comm.agree(f"ContextParallelLM.{op}", err, fields, self.group)
         return vals
