@@ -119,3 +119,37 @@ def _(q, k, v, cu_seqlens, group_name="", causal=True, scale=None, method="ring"
     from . import pcp as _pcp
 
     return _pcp.empty_outputs(q, v)
+
+
+# ---------------------------------------------------------------- plan/run serving API
+# A plan's run() is one opaque op: its metadata buffers and host-known bounds live in the plan
+# (found by its key), so torch.compile sees no Python state that changes with plan() and a new
+# plan() with the same padded sizes needs no recompilation.
+
+
+@custom_op("cpattn::dcp_plan_run", mutates_args=())
+def dcp_plan_run(q: Tensor, k_cache: Tensor, v_cache: Optional[Tensor], plan_key: str) -> tuple[Tensor, Tensor]:
+    from . import dcp_plan
+
+    return dcp_plan.lookup(plan_key)._execute(q, k_cache, v_cache)
+
+
+@register_fake("cpattn::dcp_plan_run")
+def _(q, k_cache, v_cache, plan_key):
+    from . import dcp_plan
+
+    return dcp_plan.lookup(plan_key).empty_outputs(q)
+
+
+@custom_op("cpattn::pcp_plan_run", mutates_args=())
+def pcp_plan_run(q: Tensor, k: Tensor, v: Tensor, plan_key: str) -> tuple[Tensor, Tensor]:
+    from . import pcp_plan
+
+    return pcp_plan.lookup(plan_key)._execute(q, k, v)
+
+
+@register_fake("cpattn::pcp_plan_run")
+def _(q, k, v, plan_key):
+    from . import pcp as _pcp
+
+    return _pcp.empty_outputs(q, v)

@@ -29,6 +29,8 @@ __all__ = [
     "group_name",
     "resolve_group",
     "is_process_group",
+    "check_group",
+    "next_call",
 ]
 
 
@@ -72,6 +74,33 @@ def is_process_group(group) -> bool:
     return dist.is_available() and isinstance(group, dist.ProcessGroup)
 
 
+def check_group(op: str, group) -> None:
+    """Refuse a group that cannot run a collective: not a ProcessGroup (TypeError), or one that
+    was destroyed (``destroy_process_group``), or any group once ``torch.distributed`` was shut
+    down (ValueError naming the group). Without this a destroyed group reads as world size 1 and
+    every rank would silently compute on its own shard alone."""
+    if group is None:
+        return
+    if not is_process_group(group):
+        raise TypeError(f"{op}: group must be a torch.distributed ProcessGroup or None; got {type(group).__name__}")
+    label = _label(group)
+    if not _initialized():
+        raise ValueError(f"{op}: process group {label} is not usable: torch.distributed is not initialised (was "
+                         f"destroy_process_group() called?); pass a live group, or None for one process")
+    try:
+        dist.get_rank(group)
+    except (ValueError, RuntimeError) as exc:
+        raise ValueError(f"{op}: process group {label} was destroyed (destroy_process_group) or never registered: "
+                         f"create a new group with torch.distributed.new_group") from exc
+
+
+def _label(group) -> str:
+    try:
+        return repr(group.group_name)
+    except Exception:
+        return f"<{type(group).__name__}>"
+
+
 def group_name(group=None) -> str:
     """The name torch.library ops carry instead of a ProcessGroup (``""``: the default group, or
     a single process when ``torch.distributed`` is not initialised)."""
@@ -82,9 +111,14 @@ def group_name(group=None) -> str:
 
 def resolve_group(name: str | None):
     """Inverse of :func:`group_name`: the ProcessGroup called ``name`` (None for ``""``)."""
-    if not name or not _initialized():
+    if not name:
         return None
-    return dist.distributed_c10d._resolve_process_group(name)
+    if not _initialized():
+        raise ValueError(f"process group {name!r} is not usable: torch.distributed is not initialised")
+    try:
+        return dist.distributed_c10d._resolve_process_group(name)
+    except RuntimeError as exc:
+        raise ValueError(f"process group {name!r} was destroyed (destroy_process_group) or never registered") from exc
 
 
 def all_gather(t: torch.Tensor, group=None) -> torch.Tensor:
@@ -193,24 +227,59 @@ def _fingerprint(value: Any) -> int:
     return (zlib.crc32(data) << 31 | zlib.adler32(data)) & ((1 << 62) - 1)
 
 
-def agree(op: str, error: BaseException | None, fields: dict[str, Any], group=None) -> None:
+_calls: dict[str, int] = {}
+
+
+def next_call(group=None) -> int:
+    """Take this rank's next call number on ``group``: every public collective entry point (each
+    one-call op, each plan constructor and ``plan()``) takes exactly one, first thing, before any
+    check can fail, and sends it through :func:`agree`. Ranks whose numbers differ are out of
+    step (a rank skipped or abandoned a call): the agreement then raises on every rank instead of
+    pairing the collectives of two different calls."""
+    key = group_name(group) if _initialized() else ""
+    _calls[key] = _calls.get(key, 0) + 1
+    return _calls[key]
+
+
+def _resync(group, value: int) -> None:
+    key = group_name(group) if _initialized() else ""
+    _calls[key] = max(_calls.get(key, 0), value)
+
+
+def agree(op: str, error: BaseException | None, fields: dict[str, Any], group=None, seq: int | None = None) -> None:
     """Make every rank raise when any rank refused its input or ranks disagree on ``fields``.
 
-    Each rank calls this with the exception its local validation raised (or None) and the values
-    that must be equal on all ranks. One small all-gather; on the error path, one more to share
-    the messages. At world size 1 it only re-raises ``error``. Must be called by every rank of
-    ``group`` with the same field names (it is a collective).
+    Each rank calls this with the exception its local validation raised (or None), the values
+    that must be equal on all ranks, and ``seq``, its call number from :func:`next_call` (None:
+    not checked). One small all-gather; on the error path, one more to share the messages. At
+    world size 1 it only re-raises ``error``. Must be called by every rank of ``group`` with the
+    same field names in the same order (it is a collective).
+
+    Checks, in order: call numbers (ranks out of step: :class:`CollectiveInputError` on every rank,
+    and every rank's counter moves to the largest so the next call is in step again), refused
+    input (the refusing rank re-raises its own error, the others get a
+    :class:`CollectiveInputError` naming it), then each field (every differing field is named, in
+    the order given).
     """
     n = world_size(group)
     if n == 1:
         if error is not None:
             raise error
         return
-    names = sorted(fields)
-    local = [1 if error is not None else 0] + [_fingerprint(fields[k]) for k in names]
+    names = list(fields)
+    local = [-1 if seq is None else seq, 1 if error is not None else 0, _fingerprint(op)]
+    local += [_fingerprint(fields[k]) for k in names]
     t = torch.tensor(local, dtype=torch.int64, device=_comm_device(group))
     table = all_gather(t, group).cpu().tolist()
-    bad_ranks = [r for r in range(n) if table[r][0]]
+    seqs = [row[0] for row in table]
+    if seq is not None and len(set(seqs)) > 1:
+        _resync(group, max(seqs))
+        at = ", ".join(f"rank {r} at call {s}" for r, s in enumerate(seqs))
+        raise CollectiveInputError(
+            f"{op}: ranks are out of step on group {_label(group) if group is not None else 'default'} ({at}): a rank "
+            f"skipped or abandoned an earlier call, so this call would pair with another one; nothing was computed. "
+            f"Every rank raises; the call counters are re-synchronised, so the next call on every rank is in step")
+    bad_ranks = [r for r in range(n) if table[r][1]]
     if bad_ranks:
         msgs: list = [None] * n
         dist.all_gather_object(msgs, None if error is None else f"{type(error).__name__}: {error}", group=group)
@@ -218,11 +287,17 @@ def agree(op: str, error: BaseException | None, fields: dict[str, Any], group=No
             raise error
         detail = "; ".join(f"rank {r}: {msgs[r]}" for r in bad_ranks)
         raise CollectiveInputError(f"{op}: input refused on rank(s) {bad_ranks}: {detail}")
-    for i, k in enumerate(names, start=1):
+    if len({row[2] for row in table}) > 1:
+        raise CollectiveInputError(f"{op}: ranks are calling different cpattn operations at the same time on this "
+                                   f"group; every rank must make the same calls in the same order")
+    diffs = []
+    for i, k in enumerate(names, start=3):
         vals = [table[r][i] for r in range(n)]
         if len(set(vals)) > 1:
             groups: dict[int, list[int]] = {}
             for r, v in enumerate(vals):
                 groups.setdefault(v, []).append(r)
             split = " vs ".join(f"ranks {rs}" for rs in groups.values())
-            raise CollectiveInputError(f"{op}: {k} must be the same on every rank; it differs ({split})")
+            diffs.append(f"{k} must be the same on every rank; it differs ({split})")
+    if diffs:
+        raise CollectiveInputError(f"{op}: " + "; and ".join(diffs))

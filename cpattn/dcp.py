@@ -4,16 +4,14 @@ Layout: :mod:`cpattn.layout`; combine strategies and their bytes: :mod:`cpattn.d
 """
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-
 import torch
 
 from . import _validate as V
-from . import comm, dcp_combine, layout
-from .backends import BackendError, select
+from . import comm, dcp_combine, dcp_meta, dcp_plan
 
-__all__ = ["dcp_decode_attention"]
+__all__ = ["dcp_decode_attention", "DcpDecodePlan"]
+
+from .dcp_plan import DcpDecodePlan  # noqa: E402
 
 OP = "dcp_decode_attention"
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -88,36 +86,57 @@ def dcp_decode_attention(
         :class:`cpattn.BackendError` when the requested backend cannot run the input.
 
     Reads ``seq_lens``, ``query_start_loc`` and the used block ids on the host (validation and
-    chunk bounds), so the op is not CUDA-graph capturable. World size 1: no collective at all.
+    the agreement), so the op is not CUDA-graph capturable: a serving loop uses
+    :class:`cpattn.DcpDecodePlan` (this op is one built, planned and run for a single call).
+    World size 1: no collective at all.
     """
-    if group is not None and not comm.is_process_group(group):
-        raise TypeError(f"{OP}: group must be a torch.distributed ProcessGroup or None; got {type(group).__name__}")
+    args = (q, k_cache, v_cache, block_table, seq_lens, query_start_loc, group, interleave, scale, v_head_dim, heads,
+            combine, return_lse, backend)
+    try:
+        _check_types(*args)
+    except TypeError as exc:
+        # what the op's schema would refuse: still an every-rank error (agreed on the default group
+        # when ``group`` itself is not a group), never a lone local one that leaves the peers waiting
+        g = group if comm.is_process_group(group) else None
+        seq = comm.next_call(g)
+        comm.agree(OP, exc, _fields(q, k_cache, v_cache, seq_lens, query_start_loc, interleave, heads, combine,
+                                    backend, None), g, seq)
+        raise
     args = (q, k_cache, v_cache, block_table, seq_lens, query_start_loc, comm.group_name(group), interleave, scale,
             v_head_dim, heads, combine or "", backend)
     devices = {t.device for t in args[:6] if isinstance(t, torch.Tensor)}
-    # Mixed devices (e.g. one tensor on "meta") would make the dispatcher pick another device's
-    # kernel on this rank only; run the implementation directly so the error reaches every rank.
-    op = torch.ops.cpattn.dcp_decode_attention if len(devices) <= 1 else run
+    # Mixed devices, or "meta" tensors, would make the dispatcher run another device's kernel (the
+    # fake one) on this rank only; run the implementation directly so the error reaches every rank.
+    direct = len(devices) > 1 or any(d.type == "meta" for d in devices)
+    op = run if direct else torch.ops.cpattn.dcp_decode_attention
     out, lse = op(*args)
     return (out, lse) if return_lse else out
 
 
-@dataclass
-class _Plan:
-    world: int
-    rank: int
-    heads_total: int
-    v_head_dim: int
-    scale: float
-    combine: str
-    qsl: torch.Tensor
-    visible: torch.Tensor
-    max_query_len: int
-    max_kv_len: int
-    qsl_host: list  # query_start_loc on the host
-    local_host: list  # this rank's local length of each request
-    backend: object  # Backend running paged_attention
-    merge_backend: object  # Backend running the combine's merge (None at world size 1)
+def _check_types(q, k_cache, v_cache, block_table, seq_lens, query_start_loc, group, interleave, scale, v_head_dim,
+                 heads, combine, return_lse, backend) -> None:
+    """The argument types the op's schema needs (TypeError naming the argument)."""
+    if group is not None and not comm.is_process_group(group):
+        raise TypeError(f"{OP}: group must be a torch.distributed ProcessGroup or None; got {type(group).__name__}")
+    for name, x, optional in (("q", q, False), ("k_cache", k_cache, False), ("v_cache", v_cache, True),
+                              ("block_table", block_table, False), ("seq_lens", seq_lens, False),
+                              ("query_start_loc", query_start_loc, True)):
+        if not (isinstance(x, torch.Tensor) or (optional and x is None)):
+            raise TypeError(f"{OP}: {name} must be a torch.Tensor{' or None' if optional else ''}; got {type(x).__name__}")
+    for name, x in (("interleave", interleave), ("v_head_dim", v_head_dim)):
+        if x is not None and (isinstance(x, bool) or not isinstance(x, int)):
+            raise TypeError(f"{OP}: {name} must be an int; got {type(x).__name__} ({x!r})")
+    if interleave is None:
+        raise TypeError(f"{OP}: interleave must be an int; got None")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
+        raise TypeError(f"{OP}: scale must be a float or None; got {type(scale).__name__}")
+    if not isinstance(heads, str):
+        raise TypeError(f"{OP}: heads must be 'replicated' or 'sharded' (a str); got {heads!r}")
+    for name, x in (("combine", combine), ("backend", backend)):
+        if x is not None and not isinstance(x, str):
+            raise TypeError(f"{OP}: {name} must be a str or None; got {type(x).__name__}")
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"{OP}: return_lse must be a bool; got {type(return_lse).__name__}")
 
 
 def check_shapes(q, k_cache, v_cache, block_table, seq_lens, query_start_loc, v_head_dim, heads, combine) -> int:
@@ -168,132 +187,65 @@ def check_shapes(q, k_cache, v_cache, block_table, seq_lens, query_start_loc, v_
     return dv
 
 
-def plan(q, k_cache, v_cache, block_table, seq_lens, query_start_loc, interleave, scale, v_head_dim, heads,
-         combine, backend, group) -> _Plan:
-    """All local validation (raises before any collective) and the derived metadata."""
-    dv = check_shapes(q, k_cache, v_cache, block_table, seq_lens, query_start_loc, v_head_dim, heads, combine)
-    n, r = comm.world_size(group), comm.rank(group)
-    V.positive_int(OP, "interleave", interleave)
-    NB, bs, hkv = k_cache.shape[0], k_cache.shape[1], k_cache.shape[2]
-    if bs % interleave:
-        raise ValueError(f"{OP}: interleave ({interleave}) must divide the cache block_size ({bs}); use 1 or {bs}")
-    h = q.shape[1] * (n if heads == "sharded" else 1)
-    if hkv == 0 or h % hkv:
-        what = f"{q.shape[1]} per rank x {n} ranks = {h}" if heads == "sharded" else str(h)
-        raise ValueError(f"{OP}: query heads ({what}) must be a multiple of k_cache's KV heads ({hkv})")
-    sc = V.scale_value(OP, scale, q.shape[2])
-    T, B = q.shape[0], seq_lens.shape[0]
-    lens = [int(x) for x in seq_lens.tolist()]
-    qsl_t = (torch.arange(B + 1, dtype=torch.int64, device=q.device) if query_start_loc is None
-             else query_start_loc.to(torch.int64))
-    qsl = [int(x) for x in qsl_t.tolist()]
-    if qsl[0] != 0 or qsl[-1] != T or any(b < a for a, b in zip(qsl, qsl[1:])):
-        raise ValueError(f"{OP}: query_start_loc must start at 0, never decrease and end at T={T}; got {qsl}")
-    for b, L in enumerate(lens):
-        nq = qsl[b + 1] - qsl[b]
-        if L < nq:
-            raise ValueError(f"{OP}: seq_lens[{b}]={L} is shorter than its {nq} query token(s); seq_lens are GLOBAL "
-                             f"lengths including the query tokens")
-    local = layout.dcp_local_seq_lens(torch.tensor(lens, dtype=torch.int64), n, r, interleave).tolist()
-    cap = block_table.shape[1] * bs
-    for b, ln in enumerate(local):
-        if ln > cap:
-            raise ValueError(
-                f"{OP}: seq_lens[{b}]={lens[b]} puts {ln} tokens on rank {r} of {n} (interleave {interleave}) but "
-                f"block_table has room for {cap} (max_blocks {block_table.shape[1]} x block_size {bs}); lengths "
-                f"beyond the block table, or a cache sharded for a different world size")
-    used = [-(-ln // bs) for ln in local]
-    if any(used):
-        cols = torch.arange(block_table.shape[1], device=block_table.device)
-        mask = cols[None, :] < torch.tensor(used, device=block_table.device)[:, None]
-        ids = block_table[mask]
-        lo, hi = int(ids.min()), int(ids.max())
-        if lo < 0 or hi >= NB:
-            raise ValueError(f"{OP}: block_table refers to block {lo if lo < 0 else hi}, outside k_cache's "
-                             f"{NB} blocks")
-    pos, _ = layout.query_positions(seq_lens, qsl_t, T)
-    visible = layout.dcp_local_seq_lens(pos + 1, n, r, interleave)
-    q_like = q if h == q.shape[1] else q.new_empty(T, h, q.shape[2])  # the kernel sees all h heads
-    be = select("paged_attention", backend, dict(
-        q=q_like, k_cache=k_cache, v_cache=v_cache, block_table=block_table, query_start_loc=qsl_t, visible_lens=visible,
-        scale=sc, v_head_dim=dv, max_query_len=0, max_kv_len=0))
-    merge_be = None
-    if n > 1:  # pick the merge backend now: refuse before any collective, not between two
-        s = h // n if heads == "sharded" else h
-        o = q.new_empty(T, s, dv)  # the merge's real shapes and layout (small: decode tokens)
-        lz = q.new_empty(T, s, dtype=torch.float32)
-        merge_be = select("merge", backend, {"outs": [o] * n, "lses": [lz] * n, "out": o, "out_lse": lz})
-    strategy = combine or dcp_combine.default_strategy(heads, n, T, h, dv, q.dtype)
-    return _Plan(n, r, h, dv, sc, strategy, qsl_t, visible, max((b - a for a, b in zip(qsl, qsl[1:])), default=0),
-                 max(local, default=0), qsl, local, be, merge_be)
-
-
 def run(q, k_cache, v_cache, block_table, seq_lens, query_start_loc, group_name_: str, interleave, scale,
         v_head_dim, heads, combine, backend):
-    """The implementation behind ``torch.ops.cpattn.dcp_decode_attention``."""
+    """The implementation behind ``torch.ops.cpattn.dcp_decode_attention``: a
+    :class:`cpattn.DcpDecodePlan` sized to these inputs, planned and run once (one agreement)."""
     group = comm.resolve_group(group_name_)
-    err, p = None, None
+    seq = comm.next_call(group)
+    err, plan, prep = None, None, None
     try:
-        p = plan(q, k_cache, v_cache, block_table, seq_lens, query_start_loc, interleave, scale, v_head_dim,
-                 heads, combine, backend, group)
-    except (TypeError, ValueError, BackendError) as exc:
+        dv = check_shapes(q, k_cache, v_cache, block_table, seq_lens, query_start_loc, v_head_dim, heads, combine)
+        n = comm.world_size(group)
+        V.positive_int(OP, "interleave", interleave)
+        NB, bs, hkv = k_cache.shape[0], k_cache.shape[1], k_cache.shape[2]
+        if bs % interleave:
+            raise ValueError(f"{OP}: interleave ({interleave}) must divide the cache block_size ({bs}); use 1 or {bs}")
+        h = q.shape[1] * (n if heads == "sharded" else 1)
+        if h == 0:
+            raise ValueError(f"{OP}: q has no query heads (shape {tuple(q.shape)}); it needs Hq >= 1")
+        if hkv == 0 or h % hkv:
+            what = f"{q.shape[1]} per rank x {n} ranks = {h}" if heads == "sharded" else str(h)
+            raise ValueError(f"{OP}: query heads ({what}) must be a multiple of k_cache's KV heads ({hkv})")
+        cfg = dcp_plan.make_config(
+            group, num_heads=h, num_kv_heads=hkv, head_dim=q.shape[2], block_size=bs, v_head_dim=dv,
+            mla=v_cache is None, interleave=interleave, heads=heads, combine=combine or None, scale=scale,
+            max_num_seqs=max(seq_lens.shape[0], 1), max_num_tokens=max(q.shape[0], 1),
+            max_blocks_per_seq=max(block_table.shape[1], 1), dtype=q.dtype, device=q.device, backend=backend, op=OP)
+        plan = dcp_plan.DcpDecodePlan._from_config(group, cfg)
+        prep = plan._prepare(seq_lens, block_table, query_start_loc, num_blocks=NB, op=OP)
+    except Exception as exc:  # every error reaches the agreement, whatever its type
         err = exc
-    comm.agree(OP, err, _fields(q, k_cache, v_cache, seq_lens, query_start_loc, interleave, heads, combine, p), group)
-    T, hq_out = q.shape[0], q.shape[1]
-    if T == 0:
-        return (torch.zeros(0, hq_out, p.v_head_dim, dtype=q.dtype, device=q.device),
-                torch.zeros(0, hq_out, dtype=torch.float32, device=q.device))
-    q_all = dcp_combine.gather_heads(q, group) if heads == "sharded" else q
-    out, lse = local_attention(p, q_all, k_cache, v_cache, block_table)
-    return dcp_combine.combine(out, lse, strategy=p.combine, heads=heads, group=group, backend=p.merge_backend)
+    comm.agree(OP, err, _fields(q, k_cache, v_cache, seq_lens, query_start_loc, interleave, heads, combine, backend,
+                                None if plan is None else plan.config), group, seq)
+    dcp_meta.commit(plan._meta, prep)
+    return plan._execute(q, k_cache, v_cache, sync_free=False)
 
 
-def local_attention(p: _Plan, q, k_cache, v_cache, block_table) -> tuple[torch.Tensor, torch.Tensor]:
-    """This rank's partial ``(out [T, H, Dv], lse [T, H])``: one kernel call, or one per bucket of
-    requests with similar query counts (``n_b`` in ``[2^(k-1), 2^k)``) when padding every request
-    to the longest would more than double the work (decode tokens batched with a long chunk)."""
-    kw = dict(k_cache=k_cache, v_cache=v_cache, scale=p.scale, v_head_dim=p.v_head_dim)
-    T = q.shape[0]
-    nq = [b - a for a, b in zip(p.qsl_host, p.qsl_host[1:])]
-    if len(nq) * p.max_query_len <= 2 * T:
-        return p.backend.run("paged_attention", q=q, block_table=block_table, query_start_loc=p.qsl,
-                             visible_lens=p.visible, max_query_len=p.max_query_len, max_kv_len=p.max_kv_len, **kw)
-    out = q.new_zeros(T, q.shape[1], p.v_head_dim)
-    lse = torch.full((T, q.shape[1]), float("-inf"), dtype=dcp_combine.partial_dtype(q.dtype), device=q.device)
-    buckets: dict[int, list[int]] = {}
-    for b, n in enumerate(nq):
-        if n:
-            buckets.setdefault(n.bit_length(), []).append(b)
-    for reqs in buckets.values():
-        tok = torch.cat([torch.arange(p.qsl_host[b], p.qsl_host[b + 1]) for b in reqs]).to(q.device)
-        sub_n = [nq[b] for b in reqs]
-        o, l = p.backend.run(
-            "paged_attention", q=q[tok], block_table=block_table[torch.tensor(reqs, device=block_table.device)],
-            query_start_loc=torch.tensor([0] + sub_n, device=q.device).cumsum(0), visible_lens=p.visible[tok],
-            max_query_len=max(sub_n), max_kv_len=max(p.local_host[b] for b in reqs), **kw)
-        out[tok] = o
-        lse[tok] = l.to(lse.dtype)  # a kernel may return a float32 LSE for float32 queries
-    return out, lse
-
-
-def _fields(q, k_cache, v_cache, seq_lens, query_start_loc, interleave, heads, combine, p) -> dict:
-    """What every rank must agree on (safe to build from invalid input)."""
+def _fields(q, k_cache, v_cache, seq_lens, query_start_loc, interleave, heads, combine, backend, cfg) -> dict:
+    """What every rank must agree on (safe to build from invalid input; the same keys always)."""
     def shape(x):
         return tuple(x.shape) if isinstance(x, torch.Tensor) else None
 
     def values(x):
-        return x.tolist() if isinstance(x, torch.Tensor) and x.dim() == 1 else None
+        try:
+            return tuple(int(v) for v in x.tolist()) if isinstance(x, torch.Tensor) and x.dim() == 1 and \
+                x.device.type != "meta" else None
+        except Exception:
+            return "?"
 
     return {
+        "heads": str(heads),
         "q shape [T, heads, Dqk] (heads='sharded': each rank passes Hq/N heads, Hq divisible by N)": shape(q),
         "q dtype": str(getattr(q, "dtype", None)),
         "k_cache [block_size, Hkv, Dqk]": shape(k_cache)[1:] if shape(k_cache) else None,
-        "v head dim": None if p is None else p.v_head_dim,
+        "v head dim": None if cfg is None else cfg.v_head_dim,
         "seq_lens": values(seq_lens),
         "query_start_loc": values(query_start_loc),
-        "interleave": interleave,
-        "heads": heads,
-        "combine": None if p is None else p.combine,
-        "scale": None if p is None else p.scale,
+        "interleave": repr(interleave),
+        "combine": None if cfg is None else cfg.combine,
+        "scale": None if cfg is None else cfg.scale,
         "mla (v_cache is None)": v_cache is None,
+        "backend (requested, kernel, merge)": (repr(backend), None if cfg is None else cfg.kernel_backend,
+                                               None if cfg is None else cfg.merge_backend),
     }

@@ -9,12 +9,12 @@ from __future__ import annotations
 import torch
 
 from . import _validate as V
-from . import comm, pcp_context
-from .backends import BackendError, dispatch, select
+from . import comm, pcp_context, pcp_plan
 from .partition import _partition, check_cu_seqlens
 from .pcp_context import PcpContext
+from .pcp_plan import PcpPrefillPlan
 
-__all__ = ["pcp_ring_prefill", "PcpContext", "METHODS"]
+__all__ = ["pcp_ring_prefill", "PcpContext", "PcpPrefillPlan", "METHODS"]
 
 OP = "pcp_ring_prefill"
 METHODS = ("ring", "allgather")
@@ -83,9 +83,9 @@ def pcp_ring_prefill(
         group size) are refused the same way. Nothing is written; no collective is left waiting.
         :class:`cpattn.BackendError` (on every rank) when the requested backend cannot run it.
     """
-    if group is not None and not comm.is_process_group(group):
-        raise TypeError(f"{OP}: group must be a torch.distributed ProcessGroup or None; got {type(group).__name__}")
     try:
+        if group is not None and not comm.is_process_group(group):
+            raise TypeError(f"{OP}: group must be a torch.distributed ProcessGroup or None; got {type(group).__name__}")
         for name, x in (("q", q), ("k", k), ("v", v)):
             V.tensor(OP, name, x, dim=3, dtypes=V.FLOAT_DTYPES)
         if isinstance(cu_seqlens, (list, tuple)):
@@ -109,17 +109,22 @@ def pcp_ring_prefill(
                 V.tensor(OP, "context.v_cache", context.v_cache)
             V.positive_int(OP, "context.interleave", context.interleave)
     except (TypeError, ValueError) as exc:
-        comm.agree(OP, exc, agreed_fields(q, k, v, cu_seqlens, causal, scale, method, backend, context), group)
+        # what the op's schema would refuse: an every-rank error through the agreement (on the
+        # default group when ``group`` itself is not a group), never a lone local one
+        g = group if comm.is_process_group(group) else None
+        seq = comm.next_call(g)
+        comm.agree(OP, exc, agreed_fields(q, k, v, cu_seqlens, causal, scale, method, backend, context), g, seq)
         raise  # unreachable: agree re-raises
     c = context
     args = (q, k, v, cu_seqlens, comm.group_name(group), causal, None if scale is None else float(scale), method,
             backend, *((None, None, None, None, 1) if c is None else
                        (c.k_cache, c.v_cache, c.block_table, c.context_lens, c.interleave)))
     devices = {t.device for t in args if isinstance(t, torch.Tensor)}
-    # Mixed devices (e.g. one tensor on "meta") would make the dispatcher run another device's
-    # kernel (the fake one) on this rank only, which skips the agreement the other ranks wait in;
-    # run the implementation directly so the error reaches every rank (as dcp_decode_attention).
-    op = torch.ops.cpattn.pcp_ring_prefill if len(devices) <= 1 else run
+    # Mixed devices, or "meta" tensors, would make the dispatcher run another device's kernel (the
+    # fake one) on this rank only, which skips the agreement the other ranks wait in; run the
+    # implementation directly so the error reaches every rank (as dcp_decode_attention).
+    direct = len(devices) > 1 or any(d.type == "meta" for d in devices)
+    op = run if direct else torch.ops.cpattn.pcp_ring_prefill
     out, lse = op(*args)
     return (out, lse) if return_lse else out
 
@@ -150,6 +155,8 @@ def validate_local(q, k, v, cu_seqlens, n: int, r: int, method: str) -> tuple[in
     """This rank's checks (no collective); returns cu_seqlens as a tuple of ints."""
     for name, x in (("q", q), ("k", k), ("v", v)):
         V.tensor(OP, name, x, dim=3, dtypes=V.FLOAT_DTYPES)
+        if x.device.type == "meta":
+            raise ValueError(f"{OP}: {name} is on the 'meta' device: it holds no values to attend over")
     V.same(OP, "dtype", {"q": q, "k": k, "v": v}, "dtype")
     V.same_device(OP, {"q": q, "k": k, "v": v})
     if k.shape[0] != q.shape[0] or v.shape[0] != q.shape[0]:
@@ -162,7 +169,7 @@ def validate_local(q, k, v, cu_seqlens, n: int, r: int, method: str) -> tuple[in
         raise ValueError(f"{OP}: Hq ({q.shape[1]}) must be a positive multiple of Hkv ({k.shape[1]})")
     if method not in METHODS:
         raise ValueError(f"{OP}: method must be one of {METHODS}; got {method!r}")
-    vals = check_cu_seqlens(OP, cu_seqlens)
+    vals = pcp_plan.cu_values(OP, cu_seqlens)
     want = _partition(vals, n, r).num_tokens
     if q.shape[0] != want:
         raise ValueError(
@@ -175,48 +182,30 @@ def validate_local(q, k, v, cu_seqlens, n: int, r: int, method: str) -> tuple[in
 
 def run(q, k, v, cu_seqlens, group_name: str, causal: bool, scale, method: str, backend,
         k_cache=None, v_cache=None, block_table=None, context_lens=None, interleave: int = 1):
-    """The op's implementation: validate, agree across ranks, then run the chosen method (and the
-    cached-context part, merged in)."""
-    from . import ring
-
+    """The op's implementation: validate, agree across ranks, then the machinery of
+    :class:`cpattn.PcpPrefillPlan` for one call (:func:`cpattn.pcp_plan.prepare` / ``execute``)."""
     group = comm.resolve_group(group_name)
+    seq = comm.next_call(group)
     n, r = comm.world_size(group), comm.rank(group)
     context = None
     if block_table is not None or context_lens is not None or k_cache is not None:
         context = PcpContext(k_cache, v_cache, block_table, context_lens, interleave)
-    error, vals, ctx_lens = None, None, None
+    error, step, attn_be, scale_v = None, None, None, None
     try:
         vals = validate_local(q, k, v, cu_seqlens, n, r, method)
         if context is not None:
-            ctx_lens = pcp_context.validate(OP, context, q, k, v, len(vals) - 1)
+            pcp_context.validate(OP, context, q, k, v, len(vals) - 1)
         scale_v = V.scale_value(OP, scale, q.shape[2])
-        select("attention", backend, dict(q=q, k=k, v=v, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens,
-                                          causal=causal, scale=scale_v))
-        if n > 1 or context is not None:  # the merges' backend too: refuse now, not between two collectives
-            o = q.new_empty(q.shape[0], q.shape[1], v.shape[2])
-            lz = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
-            select("merge", backend, {"outs": [o, o], "lses": [lz, lz], "out": o, "out_lse": lz})
-    except (TypeError, ValueError, BackendError) as exc:
+        step = pcp_plan.prepare(OP, vals, context, n, r, method, causal, q.device)
+        attn_be = pcp_plan.select_backends(q, k, v, step, causal, scale_v, backend)
+    except Exception as exc:  # every error reaches the agreement, whatever its type
         error = exc
-    comm.agree(OP, error, agreed_fields(q, k, v, cu_seqlens, causal, scale, method, backend, context), group)
-    if vals[-1] == 0:
-        return empty_outputs(q, v)
-    ctx_part = None
-    if context is not None and any(ctx_lens):  # first: a bad cache raises (on every rank) before the ring
-        parts = [_partition(vals, n, s) for s in range(n)]
-        ctx_part = pcp_context.context_attention(q, context, ctx_lens, vals, parts, group=group, scale=scale_v,
-                                                 dv=v.shape[2], backend=backend)
-    fn = ring.ring_prefill if method == "ring" else ring.allgather_prefill
-    out, lse = fn(q, k, v, vals, group=group, causal=causal, scale=scale_v, backend=backend)
-    if ctx_part is None:
-        return out, lse
-    merged, merged_lse = empty_outputs(q, v)  # float32 weights and accumulation, one rounding
-    dispatch("merge", backend, outs=[out, ctx_part[0]], lses=[lse, ctx_part[1]], out=merged, out_lse=merged_lse)
-    return merged, merged_lse
+    comm.agree(OP, error, agreed_fields(q, k, v, cu_seqlens, causal, scale, method, backend, context), group, seq)
+    step.commit()
+    return pcp_plan.execute(step, q, k, v, group=group, causal=causal, scale=scale_v, backend=backend,
+                            attn_backend=attn_be)
 
 
 def empty_outputs(q, v) -> tuple[torch.Tensor, torch.Tensor]:
     """Output buffers of the op's shapes (also the fake implementation)."""
-    out = q.new_empty(q.shape[0], q.shape[1], v.shape[2])
-    lse = torch.empty(q.shape[0], q.shape[1], dtype=torch.float32, device=q.device)
-    return out, lse
+    return pcp_plan.empty_outputs(q, v)

@@ -11,14 +11,14 @@ disjoint key sets::
     context part  : cpattn.dcp_decode_attention over the DCP-sharded cache (every rank's shard)
     result        : merge_attn_states(prompt part, context part)   (float32 math, one rounding)
 
-The DCP op wants the same queries on every rank (``heads="replicated"``), and its query rule is
-"a query at global position P sees keys <= P" with the queries being the *last* tokens of each
-request's cached sequence. So the prompt queries are all-gathered once, and each query with some
-context is passed as its own one-token "request" whose sequence is its request's context
-(``seq_lens = C_b``, position ``C_b - 1``: it sees all ``C_b`` cached tokens); its block-table row
-is its request's. Calls go in chunks of :data:`CHUNK_TOKENS` queries (the same number on every
-rank, since ``cu_seqlens`` and ``context_lens`` are agreed) to bound the repeated block table.
-The DCP op merges the ranks' partials; every rank keeps its own rows.
+DCP decode wants the same queries on every rank (``heads="replicated"``). So the prompt queries
+are all-gathered once, and each query with some context is a query of its request that sees all
+``C_b`` cached tokens (on this rank: the first ``local_len(C_b)`` local keys), run through the DCP
+plan machinery (:mod:`cpattn.dcp_meta`: host metadata staged in ``plan()``, one-token requests
+in the kernel, no host sync at run time). Kernel calls and combines go in chunks of
+:data:`CHUNK_TOKENS` queries (the same chunks on every rank, since ``cu_seqlens`` and
+``context_lens`` are agreed) to bound the per-token block-table rows. The DCP combine merges the
+ranks' partials; every rank keeps its own rows.
 """
 from __future__ import annotations
 
@@ -56,8 +56,9 @@ class PcpContext:
     interleave: int = 1
 
 
-def validate(op: str, ctx: PcpContext, q, k, v, num_seqs: int) -> tuple[int, ...]:
-    """Local checks of the context against the prompt; returns ``context_lens`` as ints."""
+def check_caches(op: str, ctx, q, k, v) -> None:
+    """The context caches against the prompt's ``q, k, v`` (dtype, device, heads, head dims): shapes
+    only, no values read (also ``PcpPrefillPlan.run``'s check)."""
     V.tensor(op, "context.k_cache", ctx.k_cache, dim=4)
     if ctx.k_cache.dtype != q.dtype:
         raise TypeError(f"{op}: context.k_cache must have q's dtype {q.dtype}; got {ctx.k_cache.dtype}")
@@ -77,6 +78,11 @@ def validate(op: str, ctx: PcpContext, q, k, v, num_seqs: int) -> tuple[int, ...
     elif v.shape[2] > k.shape[2]:
         raise ValueError(f"{op}: context.v_cache=None reads V as the first Dv={v.shape[2]} channels of K, "
                          f"so Dv must be <= Dqk={k.shape[2]}")
+
+
+def validate(op: str, ctx: PcpContext, q, k, v, num_seqs: int) -> tuple[int, ...]:
+    """Local checks of the context against the prompt; returns ``context_lens`` as ints."""
+    check_caches(op, ctx, q, k, v)
     V.tensor(op, "context.block_table", ctx.block_table, dim=2, dtypes=V.INDEX_DTYPES)
     V.tensor(op, "context.context_lens", ctx.context_lens, dim=1, dtypes=V.INDEX_DTYPES)
     for name, t in (("block_table", ctx.block_table), ("context_lens", ctx.context_lens)):
@@ -90,6 +96,123 @@ def validate(op: str, ctx: PcpContext, q, k, v, num_seqs: int) -> tuple[int, ...
     return lens
 
 
+def validate_static(op: str, ctx, num_seqs: int) -> tuple[int, ...]:
+    """The checks that need no prompt tensors (``PcpPrefillPlan.plan``); returns ``context_lens``."""
+    if not isinstance(ctx, PcpContext):
+        raise TypeError(f"{op}: context must be a cpattn.PcpContext or None; got {type(ctx).__name__}")
+    V.tensor(op, "context.k_cache", ctx.k_cache, dim=4)
+    if ctx.v_cache is not None:
+        V.tensor(op, "context.v_cache", ctx.v_cache, dim=4)
+        if tuple(ctx.v_cache.shape[:3]) != tuple(ctx.k_cache.shape[:3]):
+            raise ValueError(f"{op}: context.v_cache must have k_cache's [num_blocks, block_size, Hkv] "
+                             f"{tuple(ctx.k_cache.shape[:3])}; got {tuple(ctx.v_cache.shape)}")
+    for name in ("k_cache", "v_cache"):
+        t = getattr(ctx, name)
+        if t is not None and t.device.type == "meta":
+            raise ValueError(f"{op}: context.{name} is on the 'meta' device; pass the real cache")
+    V.tensor(op, "context.block_table", ctx.block_table, dim=2, dtypes=V.INDEX_DTYPES)
+    V.tensor(op, "context.context_lens", ctx.context_lens, dim=1, dtypes=V.INDEX_DTYPES)
+    for name, t in (("block_table", ctx.block_table), ("context_lens", ctx.context_lens)):
+        if t.shape[0] != num_seqs:
+            raise ValueError(f"{op}: context.{name} must have one row per sequence of cu_seqlens ({num_seqs}); "
+                             f"got {t.shape[0]}")
+        if t.device.type == "meta":
+            raise ValueError(f"{op}: context.{name} is on the 'meta' device: the plan needs its values")
+    lens = tuple(int(x) for x in ctx.context_lens.tolist())
+    if any(x < 0 for x in lens):
+        raise ValueError(f"{op}: context.context_lens must be >= 0; got {list(lens)[:16]}")
+    V.positive_int(op, "context.interleave", ctx.interleave)
+    bs = ctx.k_cache.shape[1]
+    if bs == 0 or bs % ctx.interleave:
+        raise ValueError(f"{op}: context.interleave ({ctx.interleave}) must divide the cache block_size ({bs})")
+    return lens
+
+
+@dataclass
+class ContextPlan:
+    """Host work of the cached-context part, done once per batch: which prompt tokens have a
+    context (``rows``: their rows in the all-gathered ``[N * tmax]`` query buffer), the DCP
+    metadata of those queries (each its own one-token request over its request's context), and
+    where the results land in this rank's rows (``dst`` <- ``srcc``)."""
+
+    meta: object  # cpattn.dcp_meta.Meta
+    prepared: object  # cpattn.dcp_meta.Prepared, published by commit()
+    rows: torch.Tensor
+    dst: torch.Tensor
+    srcc: torch.Tensor
+    count: int  # context queries (all ranks)
+
+    def commit(self) -> None:
+        from . import dcp_meta
+
+        dcp_meta.commit(self.meta, self.prepared)
+
+
+def plan_context(op: str, ctx: PcpContext, lens: tuple[int, ...], cu: tuple[int, ...], sched, device) -> ContextPlan:
+    """Validate the context's DCP metadata and stage it (nothing reaches the device before
+    :meth:`ContextPlan.commit`)."""
+    from . import dcp_meta
+    from .ring import _global_order
+
+    n, r, tmax = sched.world, sched.rank, sched.tmax
+    B = len(cu) - 1
+    seq_lens = torch.tensor([b - a for a, b in zip(cu, cu[1:])], dtype=torch.int64)
+    seq_of = torch.repeat_interleave(torch.arange(B), seq_lens, output_size=cu[-1])
+    lens_t = torch.tensor(lens, dtype=torch.int64)
+    ctx_of = lens_t[seq_of]
+    ids = torch.nonzero(ctx_of > 0).flatten()  # global tokens that see some context
+    src, _ = _global_order(cu, n, tmax)
+    meta = dcp_meta.allocate(n, r, ctx.interleave, ctx.k_cache.shape[1], max(B, 1), max(ids.numel(), 1),
+                             max(ctx.block_table.shape[1], 1), device)
+    prep = dcp_meta.prepare(meta, op, lens_t, ctx.block_table, seq_of[ids], ctx_of[ids], ctx.k_cache.shape[0])
+    where = torch.full((cu[-1],), -1, dtype=torch.int64)
+    where[ids] = torch.arange(ids.numel())
+    mine = where[sched.me.index]
+    dst = torch.nonzero(mine >= 0).flatten()
+    return ContextPlan(meta, prep, src[ids].to(device), dst.to(device), mine[dst].to(device), ids.numel())
+
+
+def context_attention(cp: ContextPlan, q, k_cache, v_cache, *, group, scale: float, dv: int, backend,
+                      tmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's partial over the cached context: ``out [Tr, Hq, Dv]`` (q dtype) and
+    ``lse [Tr, Hq]`` float32, ``(0, -inf)`` for rows of requests with no context. Device work
+    only: one all-gather of the queries, then DCP decode over the context in chunks of
+    :data:`CHUNK_TOKENS` queries (the same chunks on every rank)."""
+    from . import dcp_combine, dcp_meta
+    from .backends import select
+
+    n = comm.world_size(group)
+    H = q.shape[1]
+    if cp.count == 0:  # contexts only for requests without prompt tokens (agreed: every rank skips)
+        return q.new_zeros(q.shape[0], H, dv), torch.full((q.shape[0], H), float("-inf"), device=q.device)
+    buf = q.new_zeros(tmax, *q.shape[1:])
+    buf[: q.shape[0]] = q
+    qc = comm.all_gather(buf, group).reshape(n * tmax, *q.shape[1:]).index_select(0, cp.rows)  # [count]
+    m = cp.meta
+    be = select("paged_attention", backend, dict(
+        q=qc[:1], k_cache=k_cache, v_cache=v_cache, block_table=m.table[:1], query_start_loc=m.arange[:2],
+        visible_lens=m.vis[:1], scale=scale, v_head_dim=dv, max_query_len=1, max_kv_len=1))
+    merge_be = None
+    if n > 1:
+        o = q.new_empty(1, H, dv)
+        lz = torch.empty(1, H, dtype=torch.float32, device=q.device)
+        merge_be = select("merge", backend, {"outs": [o] * n, "lses": [lz] * n, "out": o, "out_lse": lz})
+    outs, lses = [], []
+    for c0 in range(0, cp.count, CHUNK_TOKENS):
+        c1 = min(cp.count, c0 + CHUNK_TOKENS)
+        o, l = dcp_meta.attend(m, be, qc[c0:c1], k_cache, v_cache, scale=scale, v_head_dim=dv, start=c0, stop=c1)
+        strategy = dcp_combine.default_strategy("replicated", n, c1 - c0, H, dv, q.dtype)
+        o, l = dcp_combine.combine(o, l, strategy=strategy, heads="replicated", group=group, backend=merge_be)
+        outs.append(o)
+        lses.append(l)
+    out = q.new_zeros(q.shape[0], H, dv)
+    lse = torch.full((q.shape[0], H), float("-inf"), dtype=torch.float32, device=q.device)
+    if outs:
+        out.index_copy_(0, cp.dst, torch.cat(outs).index_select(0, cp.srcc))
+        lse.index_copy_(0, cp.dst, torch.cat(lses).index_select(0, cp.srcc))
+    return out, lse
+
+
 def fields(ctx) -> dict:
     """Agreed across ranks (same keys with or without a context)."""
     try:
@@ -98,39 +221,3 @@ def fields(ctx) -> dict:
     except Exception:
         lens, il = "?", "?"
     return {"context.context_lens": lens, "context.interleave": il}
-
-
-def context_attention(q, ctx: PcpContext, lens: tuple[int, ...], cu: tuple[int, ...], parts, *, group,
-                      scale: float, dv: int, backend) -> tuple[torch.Tensor, torch.Tensor]:
-    """This rank's partial over the cached context: ``out [Tr, Hq, Dv]`` (q dtype) and
-    ``lse [Tr, Hq]`` float32, ``(0, -inf)`` for rows of requests with no context."""
-    from .dcp import dcp_decode_attention
-    from .ring import _global_order
-
-    n, r = len(parts), comm.rank(group)
-    me = parts[r]
-    tmax = max(p.num_tokens for p in parts)
-    buf = q.new_zeros(tmax, *q.shape[1:])
-    buf[: q.shape[0]] = q
-    src, _ = _global_order(cu, n, tmax)
-    q_all = comm.all_gather(buf, group).reshape(n * tmax, *q.shape[1:])[src.to(q.device)]  # global order
-    seq_lens = torch.tensor([b - a for a, b in zip(cu, cu[1:])], dtype=torch.int64)
-    seq_of = torch.repeat_interleave(torch.arange(len(lens)), seq_lens)
-    ctx_of = torch.tensor(lens, dtype=torch.int64)[seq_of]
-    ids = torch.nonzero(ctx_of > 0).flatten()
-    total = cu[-1]
-    out_g = q.new_zeros(total, q.shape[1], dv)
-    lse_g = torch.full((total, q.shape[1]), float("-inf"), dtype=torch.float32, device=q.device)
-    table = ctx.block_table
-    for c0 in range(0, ids.numel(), CHUNK_TOKENS):
-        sel = ids[c0:c0 + CHUNK_TOKENS]
-        o, l = dcp_decode_attention(
-            q_all[sel.to(q.device)].contiguous(), ctx.k_cache, ctx.v_cache,
-            table[seq_of[sel].to(table.device)].contiguous(), ctx_of[sel].to(device=q_all.device, dtype=ctx.context_lens.dtype),
-            group=group, interleave=ctx.interleave, scale=scale, v_head_dim=dv if ctx.v_cache is None else None,
-            return_lse=True, backend=backend,
-        )
-        out_g[sel.to(q.device)] = o
-        lse_g[sel.to(q.device)] = l
-    rows = me.index.to(q.device)
-    return out_g[rows], lse_g[rows]

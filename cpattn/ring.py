@@ -71,33 +71,99 @@ def _head_major_view(q: torch.Tensor) -> torch.Tensor:
     return q.transpose(0, 1).contiguous().transpose(0, 1)
 
 
-def _kernel(q, k, v, qpart, kcu, kpos, causal, scale, backend):
-    return dispatch(
-        "attention", backend, q=q, k=k, v=v,
-        cu_seqlens_q=qpart.local_cu_seqlens, cu_seqlens_k=kcu,
-        q_positions=qpart.positions if causal else None, k_positions=kpos if causal else None,
-        causal=causal, scale=scale,
+@dataclass
+class Step:
+    """The keys one local kernel call sees: block of rank ``src`` (ring) or the whole prompt
+    (all-gather), as device tensors plus the host copies the kernel would otherwise read."""
+
+    src: int
+    rows: int  # key rows
+    k_cu: torch.Tensor  # [B+1] int64, on the device
+    k_pos: torch.Tensor  # [rows] int64 positions, on the device
+    host: dict  # {"cu_q", "cu_k"[, "q_runs", "k_runs"]} for kernels that take ``host=``
+
+
+@dataclass
+class Schedule:
+    """Everything a PCP call computes on the host, once per batch (``PcpPrefillPlan.plan``)."""
+
+    cu: tuple
+    world: int
+    rank: int
+    method: str
+    tmax: int  # rows of the largest rank: every ring message / gathered block has this many
+    me: object  # this rank's PcpPartition
+    q_cu: torch.Tensor  # [B+1] int64 on the device
+    q_pos: torch.Tensor  # [Tr] int64 on the device
+    steps: list  # ring: step i holds rank (r - i) mod N's block; all-gather: one step over the prompt
+    order: torch.Tensor | None  # rows of the [N * tmax] gathered buffer in global order (None at N = 1)
+
+
+def schedule(cu: tuple[int, ...], n: int, r: int, method: str, causal: bool, device) -> Schedule:
+    """The host work of one PCP batch: partitions, positions, the ring's per-step key metadata
+    (or the all-gather's global order), and the kernel's host tables; device tensors on ``device``."""
+    from .backends.pytorch.varlen import _runs  # host-side run detection, the kernel's own
+
+    parts = [_partition(cu, n, s) for s in range(n)]
+    me = parts[r]
+    tmax = max(p.num_tokens for p in parts)
+    cu_q = [int(x) for x in me.local_cu_seqlens.tolist()]
+    q_runs = _runs(me.positions, cu_q) if causal else None
+
+    def step(src, k_cu_list, k_pos):
+        host = {"cu_q": cu_q, "cu_k": k_cu_list}
+        if causal:
+            host.update(q_runs=q_runs, k_runs=_runs(k_pos, k_cu_list))
+        return Step(src, k_pos.numel(), torch.tensor(k_cu_list, dtype=torch.int64, device=device),
+                    k_pos.to(device), host)
+
+    order = None
+    if n > 1:  # rows of the [N * tmax] gathered buffer in global order (all-gather KV, restore)
+        src, kpos = _global_order(cu, n, tmax)
+        order = src.to(device)
+    if method == "ring" or n == 1:
+        steps = [step((r - i) % n, [int(x) for x in parts[(r - i) % n].local_cu_seqlens.tolist()],
+                      parts[(r - i) % n].positions) for i in range(n)]
+    else:
+        steps = [step(-1, list(cu), kpos)]
+    return Schedule(cu, n, r, method, tmax, me, me.local_cu_seqlens.to(device), me.positions.to(device), steps, order)
+
+
+def _accepts_host(backend) -> bool:
+    import inspect
+
+    try:
+        return "host" in inspect.signature(backend.kernels["attention"].fn).parameters
+    except (TypeError, ValueError, KeyError):
+        return False
+
+
+def _kernel(q, k, v, sched: Schedule, st: Step, causal, scale, backend):
+    """One local attention call; ``backend`` a Backend object (chosen before any collective)."""
+    extra = {"host": st.host} if _accepts_host(backend) else {}
+    return backend.run(
+        "attention", q=q, k=k, v=v, cu_seqlens_q=sched.q_cu, cu_seqlens_k=st.k_cu,
+        q_positions=sched.q_pos if causal else None, k_positions=st.k_pos if causal else None,
+        causal=causal, scale=scale, **extra,
     )
 
 
-def ring_prefill(q, k, v, cu: tuple[int, ...], *, group, causal: bool, scale: float, backend):
-    """Pass-KV ring; returns ``(out [Tr, Hq, Dv] q.dtype, lse [Tr, Hq] float32)``."""
+def ring_prefill(q, k, v, sched: Schedule, *, group, causal: bool, scale: float, backend, merge_backend=None):
+    """Pass-KV ring; returns ``(out [Tr, Hq, Dv] q.dtype, lse [Tr, Hq] float32)``. ``backend``:
+    the attention kernel's Backend; ``merge_backend``: the merge's backend name (None: automatic)."""
     global last_times
     times = PcpTimes(method="ring")
     start = time.perf_counter()
-    n, r = comm.world_size(group), comm.rank(group)
-    parts = [_partition(cu, n, s) for s in range(n)]
-    me = parts[r]
+    n, r = sched.world, sched.rank
     dqk = k.shape[-1]
     if n == 1:  # no ring: the local kernel on the inputs as they are
         t0 = time.perf_counter()
-        out, lse = _kernel(q, k, v, me, me.local_cu_seqlens, me.positions, causal, scale, backend)
+        out, lse = _kernel(q, k, v, sched, sched.steps[0], causal, scale, backend)
         times.compute_s = time.perf_counter() - t0
         times.total_s = time.perf_counter() - start
         last_times = times
         return out, lse
-    tmax = max(p.num_tokens for p in parts)
-    cur = _pack(k, v, tmax)
+    cur = _pack(k, v, sched.tmax)
     q = _head_major_view(q)
     ring = comm.RingComm(group)
     times.pack_s = time.perf_counter() - start
@@ -105,30 +171,27 @@ def ring_prefill(q, k, v, cu: tuple[int, ...], *, group, causal: bool, scale: fl
     # float32 merging for 16-bit inputs, float64 for float32/float64 (no error visible at their precision)
     acc_dtype = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else torch.float64
     out = lse = None
-    for i in range(n):
-        src = (r - i) % n
+    for i, st in enumerate(sched.steps):
         nxt = None
         if i < n - 1:
             nxt = ring.send_recv(cur)
             ring.commit()
         t0 = time.perf_counter()
-        sp = parts[src]
-        blk = cur[: sp.num_tokens]
-        o, l = _kernel(q, blk[..., :dqk], blk[..., dqk:], me, sp.local_cu_seqlens, sp.positions, causal, scale,
-                       backend)
+        blk = cur[: st.rows]
+        o, l = _kernel(q, blk[..., :dqk], blk[..., dqk:], sched, st, causal, scale, backend)
         t1 = time.perf_counter()
         if i == 0:
             held = [(o, l)]
         elif i == n - 1:  # last step: merge straight into the output dtype (one rounding)
             out, lse = _empty_like_out(o), torch.empty_like(l)
-            _merge(held + [(o, l)], out, lse, backend, acc_dtype)
+            _merge(held + [(o, l)], out, lse, merge_backend, acc_dtype)
         else:  # middle steps: merge into the accumulator
             if i == 1:
                 acc = torch.empty(o.shape, dtype=acc_dtype, device=o.device)
                 acc_lse = torch.empty(l.shape, dtype=acc_dtype, device=l.device)
             else:
                 acc, acc_lse = held[0]  # in place
-            _merge(held + [(o, l)], acc, acc_lse, backend, acc_dtype)
+            _merge(held + [(o, l)], acc, acc_lse, merge_backend, acc_dtype)
             held = [(acc, acc_lse)]
         t2 = time.perf_counter()
         if nxt is not None:
@@ -138,7 +201,7 @@ def ring_prefill(q, k, v, cu: tuple[int, ...], *, group, causal: bool, scale: fl
         times.compute_s += t1 - t0
         times.merge_s += t2 - t1
         times.wait_s += t3 - t2
-        times.steps.append((src, t1 - t0, t3 - t2))
+        times.steps.append((st.src, t1 - t0, t3 - t2))
     times.bytes_sent = ring.bytes_sent
     times.total_s = time.perf_counter() - start
     last_times = times
@@ -176,27 +239,22 @@ def _global_order(cu: tuple[int, ...], n: int, tmax: int) -> tuple[torch.Tensor,
     return src, pos
 
 
-def allgather_prefill(q, k, v, cu: tuple[int, ...], *, group, causal: bool, scale: float, backend):
+def allgather_prefill(q, k, v, sched: Schedule, *, group, causal: bool, scale: float, backend, merge_backend=None):
     """All-gather KV once, then local masked attention; same return as :func:`ring_prefill`."""
     global last_times
-    n, r = comm.world_size(group), comm.rank(group)
+    n = sched.world
     if n == 1:  # nothing to gather: the same local kernel call as the ring's
-        return ring_prefill(q, k, v, cu, group=group, causal=causal, scale=scale, backend=backend)
+        return ring_prefill(q, k, v, sched, group=group, causal=causal, scale=scale, backend=backend)
     times = PcpTimes(method="allgather")
     start = time.perf_counter()
-    parts = [_partition(cu, n, s) for s in range(n)]
-    me = parts[r]
     dqk = k.shape[-1]
-    tmax = max(p.num_tokens for p in parts)
-    kv = _pack(k, v, tmax)
+    kv = _pack(k, v, sched.tmax)
     t0 = time.perf_counter()
     gathered = comm.all_gather(kv, group)  # [N, Tmax, Hkv, Dqk + Dv]
     t1 = time.perf_counter()
-    src, kpos = _global_order(cu, n, tmax)
-    glob = gathered.reshape(n * tmax, *kv.shape[1:])[src.to(kv.device)]
+    glob = gathered.reshape(n * sched.tmax, *kv.shape[1:]).index_select(0, sched.order)
     t2 = time.perf_counter()
-    kcu = torch.tensor(cu, dtype=torch.int64)
-    out, lse = _kernel(q, glob[..., :dqk], glob[..., dqk:], me, kcu, kpos.to(q.device), causal, scale, backend)
+    out, lse = _kernel(q, glob[..., :dqk], glob[..., dqk:], sched, sched.steps[0], causal, scale, backend)
     t3 = time.perf_counter()
     times.pack_s = (t0 - start) + (t2 - t1)
     times.wait_s = t1 - t0

@@ -46,11 +46,12 @@ def check(q, k_cache, v_cache, block_table, query_start_loc, visible_lens, scale
 
 
 def paged_attention(q, k_cache, v_cache, block_table, query_start_loc, visible_lens, scale, v_head_dim,
-                    max_query_len, max_kv_len):
+                    max_query_len, max_kv_len, min_visible=None):
     """``q [T, Hq, Dqk]``; ``k_cache [NB, bs, Hkv, Dqk]``; ``v_cache [NB, bs, Hkv, Dv]`` or None
     (V = ``k[..., :v_head_dim]``); ``block_table [B, MB]``; ``query_start_loc [B+1]``;
     ``visible_lens [T]`` (local keys each query sees); ``max_query_len >= max n_b``;
-    ``max_kv_len >= max visible_lens``. Returns ``out [T, Hq, Dv]`` (q dtype), ``lse [T, Hq]``
+    ``max_kv_len >= max visible_lens``; ``min_visible`` (optional, a plan's host-known
+    ``<= min visible_lens``) spares the CPU its read of ``min(visible_lens)``. Returns ``out [T, Hq, Dv]`` (q dtype), ``lse [T, Hq]``
     float32 (float64 for float32 ``q``)."""
     T, Hq, Dqk = q.shape
     NB, bs, Hkv, _ = k_cache.shape
@@ -79,7 +80,10 @@ def paged_attention(q, k_cache, v_cache, block_table, query_start_loc, visible_l
     # Below min(visible) nothing is masked. Known for free on CPU; elsewhere mask every chunk
     # rather than sync with the host.
     on_cpu = dev.type == "cpu"
-    no_mask_below = int(visible_lens.min()) if on_cpu else 0
+    if min_visible is not None:
+        no_mask_below = int(min_visible)
+    else:
+        no_mask_below = int(visible_lens.min()) if on_cpu else 0
 
     # Chunk of whole blocks, bounded by the largest temporary.
     per_pos = B * max(Hkv * max(Dqk, Dv), Hq * Qm)

@@ -176,7 +176,8 @@ def _merge_into(acc, acc_lse, o, l) -> None:
     acc_lse.copy_(new)
 
 
-def attention(q, k, v, cu_seqlens_q, cu_seqlens_k, q_positions=None, k_positions=None, causal=False, scale=None):
+def attention(q, k, v, cu_seqlens_q, cu_seqlens_k, q_positions=None, k_positions=None, causal=False, scale=None,
+              host=None):
     """Varlen attention of ``q`` over ``k, v`` with an optional causal mask on explicit positions.
 
     Args:
@@ -189,6 +190,9 @@ def attention(q, k, v, cu_seqlens_q, cu_seqlens_k, q_positions=None, k_positions
             sorted stretches are fastest.
         causal: a query sees the keys of its sequence whose position is ``<=`` its own.
         scale: score scale (``1/sqrt(Dqk)`` when None).
+        host: optional host copies a plan computed once (``{"cu_q": [...], "cu_k": [...]}`` and,
+            when causal, ``"q_runs"``/``"k_runs"`` as :func:`_runs` returns them): the kernel then
+            reads no tensor value on the host (``PcpPrefillPlan.run``).
 
     Returns:
         ``out [Tq, Hq, Dv]`` in ``q.dtype`` and ``lse [Tq, Hq]`` float32 (natural log,
@@ -197,8 +201,11 @@ def attention(q, k, v, cu_seqlens_q, cu_seqlens_k, q_positions=None, k_positions
     tq, hq, dqk = q.shape
     dv = v.shape[-1]
     scale = 1.0 / math.sqrt(dqk) if scale is None else float(scale)
-    cu_q = [int(x) for x in cu_seqlens_q.tolist()]
-    cu_k = [int(x) for x in cu_seqlens_k.tolist()]
+    if host is not None:
+        cu_q, cu_k = list(host["cu_q"]), list(host["cu_k"])
+    else:
+        cu_q = [int(x) for x in cu_seqlens_q.tolist()]
+        cu_k = [int(x) for x in cu_seqlens_k.tolist()]
     out = torch.empty(tq, hq, dv, dtype=q.dtype, device=q.device)
     lse = torch.empty(tq, hq, dtype=torch.float32, device=q.device)
     covered: list[list[tuple[int, int]]] = [[] for _ in range(len(cu_q) - 1)]
@@ -219,7 +226,9 @@ def attention(q, k, v, cu_seqlens_q, cu_seqlens_k, q_positions=None, k_positions
         def tile(a, b, c, d, triangle):
             return _tile_generic(q[a:b], k[c:d], v[c:d], triangle, scale)
 
-    if causal:
+    if causal and host is not None and "q_runs" in host:
+        q_runs, k_runs = host["q_runs"], host["k_runs"]
+    elif causal:
         if q_positions is None or k_positions is None:
             dq, dk = default_positions(cu_q, cu_k, q.device)
             q_positions = dq if q_positions is None else q_positions
