@@ -160,3 +160,28 @@ def test_eos_stops_a_request_like_stock_generate(qwen):
     ids = torch.tensor([[5, 6]])
     want = qwen.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False, eos_token_id=eos, pad_token_id=0)
     assert got[1] == want[0, 2:].tolist()
+
+
+def test_plan_once_per_step_run_once_per_layer(qwen):
+    """The integration plans each prefill / decode step once and runs once per layer."""
+    from unittest import mock
+
+    import cpattn
+
+    calls = {"pcp.plan": 0, "pcp.run": 0, "dcp.init": 0, "dcp.plan": 0, "dcp.run": 0}
+
+    def count(name, fn):
+        def wrapper(*a, **k):
+            calls[name] += 1
+            return fn(*a, **k)
+        return wrapper
+
+    with mock.patch.object(cpattn.PcpPrefillPlan, "plan", count("pcp.plan", cpattn.PcpPrefillPlan.plan)), \
+            mock.patch.object(cpattn.PcpPrefillPlan, "run", count("pcp.run", cpattn.PcpPrefillPlan.run)), \
+            mock.patch.object(cpattn.DcpDecodePlan, "__init__", count("dcp.init", cpattn.DcpDecodePlan.__init__)), \
+            mock.patch.object(cpattn.DcpDecodePlan, "plan", count("dcp.plan", cpattn.DcpDecodePlan.plan)), \
+            mock.patch.object(cpattn.DcpDecodePlan, "run", count("dcp.run", cpattn.DcpDecodePlan.run)):
+        lm = ContextParallelLM(qwen, block_size=4)
+        lm.generate([[1, 2, 3], [4, 5]], max_new_tokens=4, eos_token_id=None)
+    layers = qwen.config.num_hidden_layers
+    assert calls == {"pcp.plan": 1, "pcp.run": layers, "dcp.init": 1, "dcp.plan": 3, "dcp.run": 3 * layers}, calls

@@ -58,8 +58,8 @@ class Step:
     mode: str  # "prefill" or "decode"
     kind: str  # "gqa" or "mla"
     num_real: int  # real rows of the packed input (the rest is padding)
-    prefill: object = None  # _ops.PrefillAttention, planned
-    decode: object = None  # _ops.DecodeAttention, planned
+    prefill: object = None  # _ops.PrefillAttention, planned for this batch
+    decode: object = None  # _ops.DecodeAttention, planned for this step
     store: PagedStore | None = None
     slots: torch.Tensor | None = None  # decode: this rank's flat slot of each new token, -1 elsewhere
     stash: dict = field(default_factory=dict)  # prefill: layer -> list of row tensors for the hand-off
@@ -113,7 +113,7 @@ def _mla_decode(module, q: torch.Tensor, step: Step, scaling: float) -> torch.Te
     w = module.kv_b_proj.weight.view(H, nope + dv, r)
     q_lat = torch.einsum("thn,hnr->thr", q[..., :nope], w[:, :nope])
     q_mla = torch.cat([q_lat, q[..., nope:]], dim=-1).contiguous()
-    o_lat = step.decode.run(q_mla, step.store.k[module.layer_idx], None, scaling, v_head_dim=r)
+    o_lat = step.decode.run(q_mla, step.store.k[module.layer_idx], None, scaling)
     return torch.einsum("thr,hvr->thv", o_lat, w[:, nope:])
 
 

@@ -69,19 +69,36 @@ class ContextParallelLM:
         if group is not None and not comm.is_process_group(group):
             raise TypeError(f"ContextParallelLM: group must be a torch.distributed ProcessGroup or None; got "
                             f"{type(group).__name__}")
-        self.kind = check_model(model)
         self.world, self.rank = comm.world_size(group), comm.rank(group)
-        layout.check_layout(self.world, interleave, block_size, self.rank)
-        if pcp_method not in ("ring", "allgather"):
-            raise ValueError(f"ContextParallelLM: pcp_method must be 'ring' or 'allgather'; got {pcp_method!r}")
-        if backend is not None and not isinstance(backend, str):
-            raise TypeError(f"ContextParallelLM: backend must be a str or None; got {type(backend).__name__}")
+        err, self.kind, self.scale = None, None, None
+        try:  # refused on every rank together (the agreement below): never one rank alone
+            self.kind = check_model(model)
+            layout.check_layout(self.world, interleave, block_size, self.rank)
+            if pcp_method not in ("ring", "allgather"):
+                raise ValueError(f"ContextParallelLM: pcp_method must be 'ring' or 'allgather'; got {pcp_method!r}")
+            if backend is not None and not isinstance(backend, str):
+                raise TypeError(f"ContextParallelLM: backend must be a str or None; got {type(backend).__name__}")
+            scales = {float(layer.self_attn.scaling) for layer in model.model.layers}
+            if len(scales) != 1:
+                raise UnsupportedModelError(f"ContextParallelLM: layers with different softmax scales {sorted(scales)} "
+                                            f"are not supported")
+            self.scale = scales.pop()
+        except (TypeError, ValueError) as exc:
+            err = exc
+        cfg = getattr(model, "config", None)
+        comm.agree("ContextParallelLM", err, {
+            "block_size": repr(block_size), "interleave": repr(interleave), "pcp_method": repr(pcp_method),
+            "backend": repr(backend), "attention kind": self.kind, "softmax scale": self.scale,
+            "model config": repr(cfg.to_dict() if hasattr(cfg, "to_dict") else None)}, group)
         self.model, self.group = model, group
         self.block_size, self.interleave, self.pcp_method, self.backend = block_size, interleave, pcp_method, backend
         self.num_layers = len(model.model.layers)
         self.vocab_size = model.config.vocab_size
         self.last_times: dict = {}  # seconds of the last generate: {"prefill": s, "decode": [s per step]}
         R.register()
+        # collective (every rank constructs it): the PCP plan, planned once per prefill
+        self._prefill_attn = PrefillAttention(group, method=pcp_method, scale=self.scale, backend=backend,
+                                              device=model.device)
 
     # ------------------------------------------------------------------ public API
     @torch.no_grad()
@@ -124,6 +141,7 @@ class ContextParallelLM:
         t0 = time.perf_counter()
         cu, part, last, store = self._prefill(prompts, capacity=max_new_tokens, keep="last")
         logits = self._gather_last(last, cu, part)  # [B, V]
+        dec = self._decode_attention(store, B)
         self.last_times = {"prefill": time.perf_counter() - t0, "decode": []}
         lens = [len(p) for p in prompts]
         done = [False] * B
@@ -140,7 +158,7 @@ class ContextParallelLM:
             if not nxt:
                 break
             t1 = time.perf_counter()
-            logits = self._decode(nxt, lens, out, store)
+            logits = self._decode(nxt, lens, out, store, dec)
             self.last_times["decode"].append(time.perf_counter() - t1)
         if output_logits:
             return out, [torch.stack(x) if x else torch.zeros(0, self.vocab_size) for x in outl]
@@ -211,7 +229,7 @@ class ContextParallelLM:
         ids, pos = packed[part.index], part.positions
         if n == 0:  # padding row: the model cannot run zero tokens, the collectives need this rank
             ids, pos = torch.zeros(1, dtype=torch.int64), torch.zeros(1, dtype=torch.int64)
-        pre = PrefillAttention(self.group, method=self.pcp_method, backend=self.backend)
+        pre = self._prefill_attn
         pre.plan(torch.tensor(cu, dtype=torch.int64))
         step = R.Step("prefill", self.kind, n, prefill=pre)
         if keep == "all":
@@ -245,13 +263,25 @@ class ContextParallelLM:
         v = [alloc(proto[1]) for _ in range(self.num_layers)] if self.kind == "gqa" else None
         return R.PagedStore(k, v, table.to(dev), self.block_size, self.interleave)
 
-    def _decode(self, nxt, lens, out, store: R.PagedStore) -> torch.Tensor:
+    def _decode_attention(self, store: R.PagedStore, num_seqs: int) -> DecodeAttention:
+        """The DCP plan of one generate (collective: every rank builds it), sized by its batch."""
+        k = store.k[0]
+        if self.kind == "gqa":
+            hkv, d, dv, mla = k.shape[2], k.shape[3], store.v[0].shape[3], False
+        else:  # latent rows [kv_lora_rank + rope]; V = the first kv_lora_rank channels
+            hkv, d, dv, mla = 1, k.shape[3], self.model.model.layers[0].self_attn.kv_lora_rank, True
+        return DecodeAttention(self.group, num_heads=self.model.config.num_attention_heads, num_kv_heads=hkv,
+                               head_dim=d, v_head_dim=dv, mla=mla, block_size=self.block_size,
+                               interleave=self.interleave, scale=self.scale, max_num_seqs=num_seqs,
+                               max_blocks_per_seq=store.block_table.shape[1], dtype=k.dtype, device=k.device,
+                               backend=self.backend)
+
+    def _decode(self, nxt, lens, out, store: R.PagedStore, dec: DecodeAttention) -> torch.Tensor:
         """One decode step for the requests in ``nxt`` (``(request, token)``): logits ``[A, V]``."""
         reqs = torch.tensor([b for b, _ in nxt], dtype=torch.int64)
         ids = torch.tensor([t for _, t in nxt], dtype=torch.int64)
         pos = torch.tensor([lens[b] + len(out[b]) - 1 for b, _ in nxt], dtype=torch.int64)  # the new token's position
         dev = self.model.device
-        dec = DecodeAttention(self.group, interleave=self.interleave, backend=self.backend)
         dec.plan((pos + 1).to(torch.int32).to(dev), store.block_table[reqs.to(dev)])
         slots = R.decode_slots(pos.to(dev), reqs.to(dev), store, self.world, self.rank)
         step = R.Step("decode", self.kind, len(nxt), decode=dec, store=store, slots=slots)
