@@ -11,9 +11,9 @@ two calls from its attention modules reach us:
 * the attention function ``"cpattn"`` (registered in ``AttentionInterface``), reached because the
   wrapper switches ``attn_implementation`` for the duration of its calls and passes the step
   state as the ``cpattn_step`` keyword (transformers forwards unknown keywords down to it).
-  Prefill: :func:`cpattn.pcp_ring_prefill` of this rank's rows. Decode: GQA ->
-  :func:`cpattn.dcp_decode_attention` over the paged K/V; MLA -> the same op's MLA path over the
-  latent cache, with the key up-projection absorbed into the query and the value up-projection
+  Prefill: PCP attention of this rank's rows (``PcpPrefillPlan.run``, planned once per prefill).
+  Decode: GQA -> DCP decode attention over the paged K/V (``DcpDecodePlan.run``, planned once per
+  step); MLA -> its MLA path over the latent cache, with the key up-projection absorbed into the query and the value up-projection
   applied to the latent output (the expanded K/V the module computes for the new tokens are
   ignored).
 

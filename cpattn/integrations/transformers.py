@@ -10,9 +10,11 @@ logits = lm.prefill_logits(prompts)                    # list of [L_b, vocab] fl
 Every rank of ``group`` holds the same weights and calls these collectively with the same
 prompts; every rank returns the same results. Prefill: the prompts are packed and split with
 :func:`cpattn.pcp_partition`; each rank runs the model on its rows at their global positions with
-attention through :func:`cpattn.pcp_ring_prefill`. The prefill K/V (MLA: latent rows) move to their
+attention through :class:`cpattn.PcpPrefillPlan` (planned once per prefill, run once per layer).
+The prefill K/V (MLA: latent rows) move to their
 DCP owners with :func:`cpattn.pcp_to_dcp_handoff`. Decode: each new token is written on its owner
-rank only; attention is :func:`cpattn.dcp_decode_attention` over the sharded paged cache; the
+rank only; attention is :class:`cpattn.DcpDecodePlan` (planned once per step, run once per layer)
+over the sharded paged cache; the
 logits are identical on every rank, so the greedy choice needs no communication.
 
 How it plugs in, what is supported and the cache layout: ``docs/integrations.md``;
