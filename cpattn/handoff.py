@@ -120,12 +120,13 @@ def pcp_to_dcp_handoff(
     comm.agree(OP, err, _fields(rows_l, cu_seqlens, interleave, context_lens), group)
     send_order, send_counts, slots, recv_counts = plan
     widths = [math.prod(x.shape[1:]) for x in rows_l]
-    packed = torch.cat([x.reshape(x.shape[0], -1) for x in rows_l], dim=1)[send_order.to(rows_l[0].device)]
+    packed = torch.cat([x.reshape(x.shape[0], w) for x, w in zip(rows_l, widths)], dim=1)  # no -1: Tr may be 0
+    packed = packed[send_order.to(packed.device)]
     got = comm.all_to_all_uneven(packed, send_counts, recv_counts, group)
     slots = slots.to(got.device)
     for piece, cache in zip(torch.split(got, widths, dim=1), caches_l):
         flat = cache.view(-1, *cache.shape[2:])
-        flat[slots] = piece.reshape(-1, *cache.shape[2:])
+        flat[slots] = piece.reshape(piece.shape[0], *cache.shape[2:])
 
 
 def _plan(rows, cu_seqlens, caches, block_table, n, r, interleave, context_lens):

@@ -89,12 +89,13 @@ CASES = [
     ([7, 1, 0, 13], [0, 0, 0, 0], 4, 1),
     ([5, 2, 19], [3, 0, 6], 4, 2),
     ([16, 33, 2], [0, 5, 0], 4, 4),
+    ([1, 0, 1], [0, 0, 2], 4, 2),  # ranks >= 1 hold no prompt row (they still send and receive)
 ]
 
 
 @pytest.mark.distributed
 @pytest.mark.parametrize("world", [1, 2, 3])
-@pytest.mark.parametrize("case", CASES, ids=["il1", "il2_ctx", "il_bs_ctx"])
+@pytest.mark.parametrize("case", CASES, ids=["il1", "il2_ctx", "il_bs_ctx", "empty_ranks"])
 def test_handoff_places_every_row_at_its_owner(gloo, world, case):
     lens, ctx, bs, il = case
     res = gloo(world).run(HR.handoff, 11, lens, ctx, 2, 8, 6, bs, il)

@@ -115,3 +115,25 @@ def test_ranks_that_disagree_all_raise(gloo, what):
     for o in ei.value.outcomes:
         assert not o.ok and o.error_type in ("CollectiveInputError", "UnsupportedModelError", "ValueError"), o.message
         assert "ContextParallelLM.generate" in o.message
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("kind", ["deepseek_v3", "qwen2"])
+def test_ranks_holding_no_prompt_row(gloo, kind):
+    """Two 1-token prompts on 3 ranks: ranks 1 and 2 hold no prompt row (they run one padding
+    token so the model code and the collectives still run), and the results are still exact."""
+    import cpattn
+
+    prompts = [[5], [7]]
+    assert [cpattn.pcp_partition([0, 1, 2], 3, r).num_tokens for r in range(3)] == [2, 0, 0]
+    res = gloo(3).run(H.cp_run, kind, 0, prompts, 3, 4, 1, "ring", timeout=120)
+    toks, logits, pre, _ = res[0]
+    assert all(r[0] == toks for r in res)
+    m32, m64, _ = _stock(kind, _prompts(7, H.CONFIGS[kind]["vocab_size"]))
+    with torch.no_grad():
+        for b, p in enumerate(prompts):
+            seq = torch.tensor([p + toks[b]])
+            assert_close(pre[b], m64(torch.tensor([p])).logits[0], m32(torch.tensor([p])).logits[0],
+                         dtype=torch.float32, what=f"prefill logits of prompt {b}")
+            assert_close(logits[b], m64(seq).logits[0, :len(toks[b])], m32(seq).logits[0, :len(toks[b])],
+                         dtype=torch.float32, what=f"decode logits of prompt {b}")
