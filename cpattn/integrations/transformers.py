@@ -147,7 +147,7 @@ class ContextParallelLM:
         self.last_times = {"prefill": time.perf_counter() - t0, "decode": []}
         lens = [len(p) for p in prompts]
         done = [False] * B
-        for step_i in range(max_new_tokens):
+        for _ in range(max_new_tokens):
             tok = logits.argmax(dim=-1).tolist()
             active = [b for b in range(B) if not done[b]]
             for j, b in enumerate(active):
