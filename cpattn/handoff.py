@@ -99,7 +99,9 @@ def pcp_to_dcp_handoff(
 
     Writes row ``i`` of global position ``p`` to slot ``slot_mapping(p)`` of its owner rank
     ``(p // interleave) % N``. Communication: one all-to-all of ``Tr x sum(feat)`` elements per rank
-    (rows a rank keeps stay local); no collective at world size 1.
+    (the rows a rank owns itself are copied, not sent); no collective at world size 1. The PCP and
+    DCP groups are the same ranks in the same order (a deployment whose PCP and DCP groups differ
+    needs another routing; not provided).
 
     Raises:
         TypeError / ValueError naming the argument, on EVERY rank (through
