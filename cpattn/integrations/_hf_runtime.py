@@ -25,6 +25,7 @@ rank, and model code cannot reshape zero-token tensors); they never reach cpattn
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -117,6 +118,7 @@ def _mla_decode(module, q: torch.Tensor, step: Step, scaling: float) -> torch.Te
     return torch.einsum("thr,hvr->thv", o_lat, w[:, nope:])
 
 
+@functools.lru_cache(maxsize=None)
 def _make_layer_class():
     from transformers.cache_utils import CacheLayerMixin
 
@@ -146,15 +148,22 @@ def _make_layer_class():
 
 def make_cache(step: Step, num_layers: int):
     """A transformers ``Cache`` whose ``update`` feeds ``step`` (see the module docstring)."""
+    return _make_cache_class()(step, num_layers)
+
+
+@functools.lru_cache(maxsize=None)
+def _make_cache_class():
     from transformers.cache_utils import Cache
 
     layer_cls = _make_layer_class()
 
     class CpCache(Cache):
-        def __init__(self):
+        def __init__(self, step: Step, num_layers: int):
+            self.step = step
             super().__init__(layers=[layer_cls(self, i) for i in range(num_layers)])
 
         def absorb(self, idx: int, key_states, value_states) -> None:
+            step = self.step
             n = step.num_real
             if step.kind == "gqa":
                 new = [rows(key_states)[:n], rows(value_states)[:n]]
@@ -170,7 +179,7 @@ def make_cache(step: Step, num_layers: int):
             for cache, src in zip(caches, new):
                 cache.view(-1, *cache.shape[2:])[dst] = src[mine.to(src.device)].to(cache.dtype)
 
-    return CpCache()
+    return CpCache
 
 
 def decode_slots(positions: torch.Tensor, requests: torch.Tensor, store: PagedStore, world: int, rank: int):
