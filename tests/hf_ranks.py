@@ -65,3 +65,12 @@ def cp_disagree(kind: str, what: str):
             kw = {"max_new_tokens": 3}
     lm.generate(prompts, **{"max_new_tokens": 2, **kw})
     return "no error"
+
+
+def cp_different_weights(kind: str):
+    """Rank 1 builds its model from another seed: the constructor must refuse on every rank."""
+    from cpattn.integrations.transformers import ContextParallelLM
+    from cpattn.testing import gloo as G
+
+    ContextParallelLM(build(kind, 1 if G.RANK == 1 else 0), None)
+    return "no error"

@@ -137,3 +137,13 @@ def test_ranks_holding_no_prompt_row(gloo, kind):
                          dtype=torch.float32, what=f"prefill logits of prompt {b}")
             assert_close(logits[b], m64(seq).logits[0, :len(toks[b])], m32(seq).logits[0, :len(toks[b])],
                          dtype=torch.float32, what=f"decode logits of prompt {b}")
+
+
+@pytest.mark.distributed
+def test_ranks_with_different_weights_all_raise(gloo):
+    from cpattn.testing.gloo import RankErrors
+
+    with pytest.raises(RankErrors) as ei:
+        gloo(2).run(H.cp_different_weights, "qwen2", timeout=120)
+    for o in ei.value.outcomes:
+        assert not o.ok and o.error_type == "CollectiveInputError" and "weights" in o.message, o.message

@@ -45,6 +45,19 @@ __all__ = ["ContextParallelLM", "UnsupportedModelError"]
 _FROM_CONFIG = object()
 
 
+def _weights_checksum(model) -> tuple:
+    """A cheap fingerprint of the weights: per parameter, float64 sums of its first and last 1024
+    elements (catches ranks built from different seeds or checkpoints; not a full comparison)."""
+    out = []
+    try:
+        for name, p in model.named_parameters():
+            flat = p.detach().reshape(-1)
+            out.append((name, tuple(p.shape), float(flat[:1024].double().sum()), float(flat[-1024:].double().sum())))
+    except Exception as exc:  # never let the fingerprint itself fail on one rank only
+        return ("unavailable", type(exc).__name__)
+    return tuple(out)
+
+
 class ContextParallelLM:
     """Greedy generation and prefill logits of ``model`` over the context-parallel group ``group``.
 
@@ -91,7 +104,8 @@ class ContextParallelLM:
         comm.agree("ContextParallelLM", err, {
             "block_size": repr(block_size), "interleave": repr(interleave), "pcp_method": repr(pcp_method),
             "backend": repr(backend), "attention kind": self.kind, "softmax scale": self.scale,
-            "model config": repr(cfg.to_dict() if hasattr(cfg, "to_dict") else None)}, group)
+            "model config": repr(cfg.to_dict() if hasattr(cfg, "to_dict") else None),
+            "weights (sampled checksum)": _weights_checksum(model)}, group)
         self.model, self.group = model, group
         self.block_size, self.interleave, self.pcp_method, self.backend = block_size, interleave, pcp_method, backend
         self.num_layers = len(model.model.layers)
