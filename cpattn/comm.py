@@ -236,13 +236,21 @@ def next_call(group=None) -> int:
     check can fail, and sends it through :func:`agree`. Ranks whose numbers differ are out of
     step (a rank skipped or abandoned a call): the agreement then raises on every rank instead of
     pairing the collectives of two different calls."""
-    key = group_name(group) if _initialized() else ""
+    key = _call_key(group)
     _calls[key] = _calls.get(key, 0) + 1
     return _calls[key]
 
 
+def _call_key(group) -> str:
+    """One counter per process group, whether it is passed as None or by its object."""
+    if not _initialized():
+        return ""
+    g = dist.group.WORLD if group is None else group
+    return getattr(g, "group_name", "") or ""
+
+
 def _resync(group, value: int) -> None:
-    key = group_name(group) if _initialized() else ""
+    key = _call_key(group)
     _calls[key] = max(_calls.get(key, 0), value)
 
 

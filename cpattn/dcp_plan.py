@@ -10,6 +10,7 @@ Engine wiring: ``docs/serving.md``.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import weakref
 from dataclasses import dataclass
@@ -202,7 +203,6 @@ class DcpDecodePlan:
                                        cfg.max_num_tokens, cfg.max_blocks_per_seq, cfg.device)
         self._backend = _get(cfg.kernel_backend)
         self._merge_backend = None if cfg.merge_backend is None else _get(cfg.merge_backend)
-        self._runs = 0  # run() calls since the last plan(), agreed at the next plan()
         #: Use the maximum sizes for the kernels' host bounds in every run (set it for graph
         #: capture on devices other than CUDA; CUDA capture is detected automatically).
         self.static_bounds = False
@@ -222,9 +222,8 @@ class DcpDecodePlan:
                 ``qsl[b]:qsl[b+1]`` of ``q``, its last ``n_b`` tokens); None: one token each.
                 ``T = qsl[-1] <= max_num_tokens``.
 
-        Raises TypeError/ValueError on EVERY rank when any rank's input is bad, when ranks
-        disagree (lengths, call order), or when the ranks ran different numbers of layers since
-        the previous ``plan()``; the buffers keep the previous step's values then.
+        Raises TypeError/ValueError on EVERY rank when any rank's input is bad or ranks disagree
+        (lengths, call order); the buffers keep the previous step's values then.
         """
         comm.check_group(f"{OP}.plan", self.group)  # destroyed since construction: raise here
         seq = comm.next_call(self.group)
@@ -235,7 +234,6 @@ class DcpDecodePlan:
             err = exc
         comm.agree(f"{OP}.plan", err, self._step_fields(seq_lens, query_start_loc), self.group, seq)
         dcp_meta.commit(self._meta, prep)
-        self._runs = 0
         return self
 
     def _prepare(self, seq_lens, block_table, query_start_loc, num_blocks: int | None = None, op: str = f"{OP}.plan"):
@@ -248,8 +246,7 @@ class DcpDecodePlan:
 
     def _step_fields(self, seq_lens, query_start_loc) -> dict:
         return {"plan": _fingerprint_cfg(getattr(self, "config", None)),
-                "seq_lens": _values(seq_lens), "query_start_loc": _values(query_start_loc),
-                "run() calls since the previous plan() (layers run per step)": self._runs}
+                "seq_lens": _values(seq_lens), "query_start_loc": _values(query_start_loc)}
 
     @property
     def num_tokens(self) -> int:
@@ -311,11 +308,10 @@ class DcpDecodePlan:
         Tp = q.shape[0]
         if Tp < m.T:
             raise ValueError(f"{OP}.run: q has {Tp} rows but the plan has {m.T} query tokens")
-        self._runs += 1
         if Tp == 0:
             return self.empty_outputs(q)
         static = self.static_bounds or dcp_meta.capturing(q)
-        ctx = no_host_reads() if sync_free else _nullcontext()
+        ctx = no_host_reads() if sync_free else contextlib.nullcontext()
         with ctx:
             q_all = dcp_combine.gather_heads(q, self.group) if cfg.heads == "sharded" else q
             out, lse = dcp_meta.attend(m, self._backend, q_all, k_cache, v_cache, scale=cfg.scale,
@@ -328,14 +324,6 @@ class DcpDecodePlan:
         cfg = self.config
         return (q.new_zeros(q.shape[0], cfg.heads_in, cfg.v_head_dim),
                 torch.full((q.shape[0], cfg.heads_in), float("-inf"), dtype=torch.float32, device=q.device))
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 def _get(name: str):
@@ -359,10 +347,8 @@ def _values(x):
 
 
 def _config_fields(cfg: Config | None) -> dict:
-    keys = list(Config.fields(_DUMMY)) if cfg is None else None
-    if cfg is None:
-        return {k: "?" for k in keys}
-    return cfg.fields()
+    """The agreed fields; a rank whose validation failed sends the same keys (agree is a collective)."""
+    return {k: "?" for k in _DUMMY.fields()} if cfg is None else cfg.fields()
 
 
 def _fingerprint_cfg(cfg: Config | None):

@@ -162,7 +162,6 @@ class PcpPrefillPlan:
         self.scale = None if scale is None else float(scale)
         self._world, self._rank = comm.world_size(group), comm.rank(group)
         self._step: PcpStep | None = None
-        self._runs = 0
         self._key = f"pcp{next(_ids)}"
         _PLANS[self._key] = self
 
@@ -177,7 +176,7 @@ class PcpPrefillPlan:
                 ``context_cache`` (a model with one cache per layer).
 
         Raises TypeError/ValueError on EVERY rank when any rank's input is bad or ranks disagree
-        (including call order and the number of ``run()`` calls since the previous ``plan()``);
+        (including call order);
         the previous batch's plan stays in force then.
         """
         comm.check_group(f"{OP}.plan", self.group)
@@ -189,12 +188,9 @@ class PcpPrefillPlan:
             step = prepare(op, vals, context, self._world, self._rank, self.method, self.causal, self.device)
         except Exception as exc:
             err = exc
-        comm.agree(op, err, {**pcp_context.fields(context), "cu_seqlens": vals,
-                             "run() calls since the previous plan() (layers run per batch)": self._runs},
-                   self.group, seq)
+        comm.agree(op, err, {**pcp_context.fields(context), "cu_seqlens": vals}, self.group, seq)
         step.commit()
         self._step = step
-        self._runs = 0
         return self
 
     def _planned(self) -> PcpStep:
@@ -250,7 +246,6 @@ class PcpPrefillPlan:
                                      f"{tuple(step.context.k_cache.shape[:2])}; got {tuple(c.k_cache.shape)}")
             pcp_context.check_caches(f"{OP}.run", c, q, k, v)
         scale = V.scale_value(OP, self.scale, q.shape[2])
-        self._runs += 1
         with no_host_reads():
             be = select_backends(q, k, v, step, self.causal, scale, self.backend)
             return execute(step, q, k, v, group=self.group, causal=self.causal, scale=scale, backend=self.backend,

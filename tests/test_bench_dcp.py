@@ -19,3 +19,15 @@ def test_bench_dcp_small_checked_run():
     for r in rows:
         assert r["bytes"] == r["formula"] > 0 and r["check"].startswith("ok")
         assert len(r["local_ms"].split("/")) == 2 and r["combine_ms"] > 0
+
+
+def test_bench_per_layer_tables():
+    """The plan/run vs one-call tables of ``cpattn-bench dcp`` and ``pcp`` (small, 2 layers)."""
+    from cpattn.bench import pcp as bench_pcp
+
+    rows = bench_dcp.bench_layers(["gqa"], [2], context=300, batch=2, dtype="bfloat16", bs=16, layers=2, steps=1)
+    assert [(r["heads"], r["layers"]) for r in rows] == [("replicated", 2), ("sharded", 2)]
+    assert all(r["run_ms"] > 0 and r["op_ms"] > 0 and r["plan_ms"] > 0 for r in rows)
+    rows = bench_pcp.bench_layers(200, 4, 2, 16, 16, "bfloat16", [2], ["ring", "allgather"], layers=2, iters=1,
+                                  threads=1)
+    assert [r["method"] for r in rows] == ["ring", "allgather"] and all(r["run_ms"] > 0 for r in rows)

@@ -15,6 +15,13 @@ values, the real per-rank lengths of the DCP layout) and reports:
 * ``bytes``: bytes one rank sends to combine (recorded from the collectives run), with the
   formula's value (:func:`cpattn.dcp_combine.expected_bytes`) beside it.
 
+``--layers L`` (default 32) adds the serving view, one row per head mode: a step of ``L`` layers
+through :class:`cpattn.DcpDecodePlan` (one ``plan()`` then ``L`` ``run()`` calls) against ``L``
+calls of the one-call op (each validating, agreeing and computing the metadata again).
+``plan_ms`` is one ``plan()``; ``run_ms`` and ``op_ms`` are per layer (step time / L, the slowest
+rank, best of ``--iters`` interleaved steps, so that load from other processes on a shared
+machine hits both alike); ``saved`` is ``1 - step_run / step_op``.
+
 ``--check`` first runs a small case through the public op with every strategy and compares each
 rank's result with the float64 reference on the unsharded cache (tolerance: 2x the error of
 plain PyTorch at the same precision).
@@ -41,6 +48,8 @@ SHAPES = {
 }
 COLUMNS = ["shape", "world", "heads", "combine", "local_ms", "1dev_ms", "combine_ms", "q_gather_ms", "agree_ms",
            "bytes", "formula", "check"]
+LAYER_COLUMNS = ["shape", "world", "heads", "combine", "layers", "plan_ms", "run_ms", "op_ms", "step_run_ms",
+                 "step_op_ms", "saved"]
 
 
 def _local_cache(shape: dict, context: int, batch: int, world: int, rank: int, bs: int, dtype, gen):
@@ -62,6 +71,17 @@ def _median_time(fn, iters: int, sync=None) -> float:
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def _best_time(fn, iters: int, sync=None) -> float:
+    times = []
+    for _ in range(iters):
+        if sync:
+            sync()
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
 
 
 def bench_rank(shape_name: str, context: int, batch: int, dtype_name: str, bs: int, iters: int,
@@ -114,6 +134,66 @@ def bench_rank(shape_name: str, context: int, batch: int, dtype_name: str, bs: i
                              bytes=sum(r.bytes_sent for r in recs if r.purpose == "combine"),
                              formula=dcp_combine.expected_bytes(strategy, heads, world, batch, shape["hq"],
                                                                 shape["dv"], dtype)))
+    return rows
+
+
+def layers_rank(shape_name: str, context: int, batch: int, dtype_name: str, bs: int, layers: int,
+                steps: int) -> list[dict]:
+    """On every rank: one decode step of ``layers`` layers, plan/run against the one-call op."""
+    shape, dtype = SHAPES[shape_name], DTYPES[dtype_name]
+    world, rank = comm.world_size(), comm.rank()
+    gen = torch.Generator().manual_seed(2000 + rank)
+    k, v, table, _ = _local_cache(shape, context, batch, world, rank, bs, dtype, gen)
+    q = torch.randn(batch, shape["hq"], shape["dqk"], generator=torch.Generator().manual_seed(3)).to(dtype)
+    seq_lens = torch.full((batch,), context, dtype=torch.int32)
+    dv = shape["dv"] if shape["mla"] else None
+    rows = []
+    for heads in ("replicated", "sharded"):
+        s = shape["hq"] // world
+        qh = q[:, rank * s:(rank + 1) * s].contiguous() if heads == "sharded" else q
+        plan = cpattn.DcpDecodePlan(None, num_heads=shape["hq"], num_kv_heads=shape["hkv"], head_dim=shape["dqk"],
+                                    block_size=bs, v_head_dim=shape["dv"], mla=shape["mla"], heads=heads,
+                                    max_num_seqs=batch, max_blocks_per_seq=table.shape[1], dtype=dtype, device="cpu")
+
+        def plan_only():
+            plan.plan(seq_lens, table)
+
+        def step_run():
+            plan.plan(seq_lens, table)
+            for _ in range(layers):
+                plan.run(qh, k, v)
+
+        def step_op():
+            for _ in range(layers):
+                cpattn.dcp_decode_attention(qh, k, v, table, seq_lens, group=None, v_head_dim=dv, heads=heads,
+                                            combine=plan.config.combine)
+
+        step_run()
+        step_op()
+        t_plan = _best_time(plan_only, max(steps, 5), dist.barrier)
+        t_run, t_op = float("inf"), float("inf")
+        for _ in range(steps):  # interleaved, best of each: load from other processes hits both alike
+            t_run = min(t_run, _best_time(step_run, 1, dist.barrier))
+            t_op = min(t_op, _best_time(step_op, 1, dist.barrier))
+        rows.append(dict(heads=heads, combine=plan.config.combine, plan_s=t_plan, step_run_s=t_run, step_op_s=t_op))
+    return rows
+
+
+def bench_layers(shapes: list[str], worlds: list[int], context: int, batch: int, dtype: str, bs: int, layers: int,
+                 steps: int) -> list[dict]:
+    rows = []
+    for world in worlds:
+        with GlooWorld(world, timeout=1800, threads=1) as w:
+            for shape in shapes:
+                per_rank = w.run(layers_rank, shape, context, batch, dtype, bs, layers, steps)
+                for i, row in enumerate(per_rank[0]):
+                    rk = [pr[i] for pr in per_rank]
+                    run_s = max(r["step_run_s"] for r in rk)
+                    op_s = max(r["step_op_s"] for r in rk)
+                    rows.append(dict(shape=shape, world=world, heads=row["heads"], combine=row["combine"],
+                                     layers=layers, plan_ms=max(r["plan_s"] for r in rk) * 1e3,
+                                     run_ms=run_s / layers * 1e3, op_ms=op_s / layers * 1e3, step_run_ms=run_s * 1e3,
+                                     step_op_ms=op_s * 1e3, saved=f"{(1 - run_s / op_s) * 100:.0f}%"))
     return rows
 
 
@@ -195,6 +275,10 @@ def register(subs) -> None:
     p.add_argument("--iters", type=int, default=3, help="local-attention timing iterations")
     p.add_argument("--combine-iters", type=int, default=50)
     p.add_argument("--no-baseline", action="store_true", help="skip the one-device (no DCP) timing")
+    p.add_argument("--layers", type=int, default=32,
+                   help="layers per step for the plan/run vs one-call table (0: skip it; default 32)")
+    p.add_argument("--layer-context", type=int, default=None,
+                   help="tokens per request for that table (default: --context)")
     p.add_argument("--check", action="store_true", help="check a small case against the float64 reference first")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     p.set_defaults(func=run)
@@ -211,8 +295,15 @@ def run(args) -> int:
                      args.dtype, args.block_size, args.iters, args.combine_iters, args.check, not args.no_baseline)
     _print(rows, f"dcp_decode_attention: batch {args.batch} x {args.context} tokens, {args.dtype}, "
                  f"block {args.block_size}")
+    lrows = []
+    if args.layers > 0:
+        ctx = args.layer_context or args.context
+        lrows = bench_layers(args.shapes.split(","), [int(x) for x in args.world.split(",")], ctx, args.batch,
+                             args.dtype, args.block_size, args.layers, args.iters)
+        print_table(lrows, LAYER_COLUMNS, f"per layer: DcpDecodePlan (plan once, run x{args.layers}) vs "
+                                          f"dcp_decode_attention x{args.layers}; batch {args.batch} x {ctx} tokens")
     if args.json:
-        write_json(args.json, {"op": "dcp", "args": vars(args) | {"func": None}, "rows": rows})
+        write_json(args.json, {"op": "dcp", "args": vars(args) | {"func": None}, "rows": rows, "layer_rows": lrows})
     if not ok:
         print("SOME CHECKS FAILED (reference check or bytes != formula)")
     return 0 if ok else 1
@@ -222,4 +313,6 @@ def tour() -> bool:
     rows, ok = bench(["gqa", "mla"], [2], context=2048, batch=2, dtype="bfloat16", bs=64, iters=1, combine_iters=3,
                      check=True)
     _print(rows, "dcp (tour: world 2, checked against the float64 reference)")
+    lrows = bench_layers(["gqa"], [2], context=2048, batch=2, dtype="bfloat16", bs=64, layers=4, steps=1)
+    print_table(lrows, LAYER_COLUMNS, "dcp per layer (tour: plan once + run x4 vs the one-call op x4)")
     return ok

@@ -16,6 +16,12 @@ collective), merging partials, packing/reordering KV, and ``other`` (the rest of
 checks, the cross-rank agreement, op dispatch). ``rank_compute_spread`` is (max - min) / max of
 the ranks' compute times: the load balance.
 
+``--layers L`` (default 32) adds the serving view: a batch of ``L`` layers through
+:class:`cpattn.PcpPrefillPlan` (one ``plan()``, then ``L`` ``run()`` calls) against ``L`` calls of
+the one-call op, at ``--layer-length`` tokens (default 2048: the per-call host work matters most
+for short prompts). ``plan_ms`` is one ``plan()``; ``run_ms``/``op_ms`` per layer (the slowest
+rank, best of ``--iters`` interleaved batches); ``saved`` is ``1 - step_run / step_op``.
+
 Published anchors for the efficiency column: ring-flash-attention zigzag forward 85% of ideal on
 8 H800 (plain ring 52%); the seed guide's PCP2 on DeepSeek-R1 at 128k input: 1.59x (73.2 s to
 46.0 s TTFT). Target on the 2-core CI machine: PCP2 >= 1.6x at 16k tokens.
@@ -31,6 +37,8 @@ from .common import DTYPES, print_table, write_json
 
 COLUMNS = ["shape", "method", "ranks", "best_s", "median_s", "speedup", "efficiency", "cpu_s", "cpu_speedup",
            "compute_s", "wait_s", "merge_s", "pack_s", "other_s", "rank_compute_spread", "check"]
+LAYER_COLUMNS = ["shape", "method", "ranks", "layers", "plan_ms", "run_ms", "op_ms", "step_run_ms", "step_op_ms",
+                 "saved"]
 ANCHORS = "anchors: ring-flash-attention zigzag fwd 85% of ideal on 8 GPUs (plain ring 52%); seed guide PCP2 1.59x at 128k"
 
 
@@ -80,6 +88,63 @@ def rank_prefill(length, hq, hkv, dqk, dv, dtype_name, method, iters, warmup, ch
     other = times[-1] - (lt.compute_s + lt.wait_s + lt.merge_s + lt.pack_s)  # checks, agree, dispatch
     return {"times": times, "cpu": cpu, "compute_s": lt.compute_s, "wait_s": lt.wait_s, "merge_s": lt.merge_s,
             "pack_s": lt.pack_s, "other_s": other, "err": err}
+
+
+def rank_layers(length, hq, hkv, dqk, dv, dtype_name, method, layers, iters):
+    """Rank side: one batch of ``layers`` layers, PcpPrefillPlan (plan + run x L) vs the one-call op x L."""
+    import cpattn
+    from cpattn import comm
+
+    dtype = DTYPES[dtype_name]
+    n, r = comm.world_size(), comm.rank()
+    g = torch.Generator().manual_seed(0)
+    cu = torch.tensor([0, length // 3, length])  # two sequences
+    i = cpattn.pcp_partition(cu, n, r).index
+    q = torch.randn(length, hq, dqk, generator=g).to(dtype)[i].contiguous()
+    k = torch.randn(length, hkv, dqk, generator=g).to(dtype)[i].contiguous()
+    v = torch.randn(length, hkv, dv, generator=g).to(dtype)[i].contiguous()
+    pp = cpattn.PcpPrefillPlan(None, method=method)
+
+    def timed(fn, reps):
+        ts = []
+        for _ in range(reps):
+            _barrier()
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+        return min(ts)
+
+    def step_run():
+        pp.plan(cu)
+        for _ in range(layers):
+            pp.run(q, k, v)
+
+    def step_op():
+        for _ in range(layers):
+            cpattn.pcp_ring_prefill(q, k, v, cu, group=None, method=method)
+
+    step_run()
+    step_op()
+    t_run, t_op = float("inf"), float("inf")
+    for _ in range(iters):  # interleaved, best of each: load from other processes hits both alike
+        t_run = min(t_run, timed(step_run, 1))
+        t_op = min(t_op, timed(step_op, 1))
+    return {"plan_s": timed(lambda: pp.plan(cu), 5), "step_run_s": t_run, "step_op_s": t_op}
+
+
+def bench_layers(length, hq, hkv, dqk, dv, dtype_name, worlds, methods, layers, iters, threads) -> list[dict]:
+    rows = []
+    for n in worlds:
+        with GlooWorld(n, timeout=1800.0, threads=threads) as w:
+            for m in methods:
+                res = w.run(rank_layers, length, hq, hkv, dqk, dv, dtype_name, m, layers, iters)
+                run_s = max(x["step_run_s"] for x in res)
+                op_s = max(x["step_op_s"] for x in res)
+                rows.append(dict(shape=f"L={length} Hq={hq} Hkv={hkv} D={dqk}/{dv} {dtype_name}", method=m, ranks=n,
+                                 layers=layers, plan_ms=max(x["plan_s"] for x in res) * 1e3,
+                                 run_ms=run_s / layers * 1e3, op_ms=op_s / layers * 1e3, step_run_ms=run_s * 1e3,
+                                 step_op_ms=op_s * 1e3, saved=f"{(1 - run_s / op_s) * 100:.0f}%"))
+    return rows
 
 
 def _median(xs):
@@ -169,6 +234,9 @@ def register(subparsers) -> None:
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--check", action="store_true", help="check a small case (L=777) against the float64 oracle first")
+    p.add_argument("--layers", type=int, default=32,
+                   help="layers per batch for the plan/run vs one-call table (0: skip it; default 32)")
+    p.add_argument("--layer-length", type=int, default=2048, help="tokens of that table's batch (default 2048)")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     p.set_defaults(func=main)
 
@@ -189,8 +257,15 @@ def main(args) -> int:
     rows = bench(_shapes(args), args.world, args.methods, args.iters, args.warmup, args.threads, check=False)
     print_table(rows, COLUMNS, f"pcp prefill, one causal sequence, {args.threads} thread(s) per rank")
     print(ANCHORS)
+    lrows = []
+    if args.layers > 0:
+        lrows = bench_layers(args.layer_length, args.heads, args.kv_heads, args.head_dim, args.head_dim, args.dtype,
+                             args.world, args.methods, args.layers, args.iters, args.threads)
+        print_table(lrows, LAYER_COLUMNS, f"per layer: PcpPrefillPlan (plan once, run x{args.layers}) vs "
+                                          f"pcp_ring_prefill x{args.layers}")
     if args.json:
-        write_json(args.json, {"bench": "pcp", "args": vars(args) | {"func": None}, "rows": rows})
+        write_json(args.json, {"bench": "pcp", "args": vars(args) | {"func": None}, "rows": rows,
+                               "layer_rows": lrows})
     return 0 if ok else 1
 
 
@@ -198,4 +273,6 @@ def tour() -> bool:
     rows = bench([(1500, 8, 2, 64, 64, "bfloat16"), (301, 4, 4, 96, 64, "float32")], [2], ["ring", "allgather"],
                  iters=1, warmup=1, threads=1, check=True)
     print_table(rows, COLUMNS, "pcp (tour: 1 vs 2 gloo ranks, checked against the float64 oracle)")
+    lrows = bench_layers(600, 8, 2, 64, 64, "bfloat16", [2], ["ring", "allgather"], layers=4, iters=1, threads=1)
+    print_table(lrows, LAYER_COLUMNS, "pcp per layer (tour: plan once + run x4 vs the one-call op x4)")
     return all(str(r["check"]).startswith("ok") for r in rows)
