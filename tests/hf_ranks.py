@@ -38,11 +38,24 @@ def build(kind: str, seed: int = 0, **overrides):
     return cls[1](cfg).eval()
 
 
+def built_on_every_rank() -> None:
+    """Wait (up to 5 min) until every rank has imported transformers and built its model: the
+    import alone takes seconds per process, and under load ranks can drift further apart than
+    the process group's collective timeout (30 s in the tests)."""
+    import datetime
+
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.monitored_barrier(timeout=datetime.timedelta(seconds=300))
+
+
 def cp_run(kind: str, seed: int, prompts, max_new_tokens: int, block_size: int, interleave: int, method: str):
     """On every rank: ``(tokens, decode logits, prefill logits, attn_implementation after)``."""
     from cpattn.integrations.transformers import ContextParallelLM
 
     model = build(kind, seed)
+    built_on_every_rank()
     lm = ContextParallelLM(model, None, block_size=block_size, interleave=interleave, pcp_method=method)
     toks, logits = lm.generate(prompts, max_new_tokens=max_new_tokens, eos_token_id=None, output_logits=True)
     pre = lm.prefill_logits(prompts)
@@ -54,7 +67,9 @@ def cp_disagree(kind: str, what: str):
     from cpattn.integrations.transformers import ContextParallelLM
     from cpattn.testing import gloo as G
 
-    lm = ContextParallelLM(build(kind, 0), None, block_size=4)
+    model = build(kind, 0)
+    built_on_every_rank()
+    lm = ContextParallelLM(model, None, block_size=4)
     prompts, kw = [[1, 2, 3], [4]], {}
     if G.RANK == 1:
         if what == "prompts":
@@ -72,5 +87,7 @@ def cp_different_weights(kind: str):
     from cpattn.integrations.transformers import ContextParallelLM
     from cpattn.testing import gloo as G
 
-    ContextParallelLM(build(kind, 1 if G.RANK == 1 else 0), None)
+    model = build(kind, 1 if G.RANK == 1 else 0)
+    built_on_every_rank()
+    ContextParallelLM(model, None)
     return "no error"

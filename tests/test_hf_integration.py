@@ -71,7 +71,7 @@ def test_matches_stock_model(gloo, world, case):
     if world == 1:
         res = [H.cp_run(kind, 0, prompts, NEW, bs, il, method)]
     else:
-        res = gloo(world).run(H.cp_run, kind, 0, prompts, NEW, bs, il, method, timeout=120)
+        res = gloo(world).run(H.cp_run, kind, 0, prompts, NEW, bs, il, method, timeout=400)
     toks, logits, pre, impl = res[0]
     for r in range(1, world):  # every rank returns the same results
         assert res[r][0] == toks
@@ -111,7 +111,7 @@ def test_ranks_that_disagree_all_raise(gloo, what):
     from cpattn.testing.gloo import RankErrors
 
     with pytest.raises(RankErrors) as ei:
-        gloo(2).run(H.cp_disagree, "qwen2", what, timeout=120)
+        gloo(2).run(H.cp_disagree, "qwen2", what, timeout=400)
     for o in ei.value.outcomes:
         assert not o.ok and o.error_type in ("CollectiveInputError", "UnsupportedModelError", "ValueError"), o.message
         assert "ContextParallelLM.generate" in o.message
@@ -126,7 +126,7 @@ def test_ranks_holding_no_prompt_row(gloo, kind):
 
     prompts = [[5], [7]]
     assert [cpattn.pcp_partition([0, 1, 2], 3, r).num_tokens for r in range(3)] == [2, 0, 0]
-    res = gloo(3).run(H.cp_run, kind, 0, prompts, 3, 4, 1, "ring", timeout=120)
+    res = gloo(3).run(H.cp_run, kind, 0, prompts, 3, 4, 1, "ring", timeout=400)
     toks, logits, pre, _ = res[0]
     assert all(r[0] == toks for r in res)
     m32, m64, _ = _stock(kind, _prompts(7, H.CONFIGS[kind]["vocab_size"]))
@@ -144,6 +144,6 @@ def test_ranks_with_different_weights_all_raise(gloo):
     from cpattn.testing.gloo import RankErrors
 
     with pytest.raises(RankErrors) as ei:
-        gloo(2).run(H.cp_different_weights, "qwen2", timeout=120)
+        gloo(2).run(H.cp_different_weights, "qwen2", timeout=400)
     for o in ei.value.outcomes:
         assert not o.ok and o.error_type == "CollectiveInputError" and "weights" in o.message, o.message

@@ -49,7 +49,13 @@ def _rank_generate(spec: dict, prompts, new: int, bs: int, il: int, method: str)
 
     from cpattn.integrations.transformers import ContextParallelLM
 
+    import datetime
+
     model = build(**spec)
+    # every rank has imported transformers and built the model (seconds each, and they can drift
+    # apart by more than a short process-group timeout under load)
+    if dist.get_world_size() > 1:
+        dist.monitored_barrier(timeout=datetime.timedelta(seconds=300))
     solo = dist.new_group([0])
     res = {}
     for name, group in (("1 rank", solo), (f"{dist.get_world_size()} ranks", None)):
