@@ -2,8 +2,9 @@
 #   make bench   # the main job: cpattn-bench's default tour, on CPU with gloo ranks
 #   make test    # the test suite (pytest + hypothesis, real gloo ranks)
 # Both create .venv and install into it: the CPU build of torch first (so pip never pulls a
-# multi-GB CUDA build), then cpattn with its test and triton extras (Triton kernels are
-# checked on CPU under TRITON_INTERPRET=1). Override TORCH for another build.
+# multi-GB CUDA build), then cpattn with its test, triton and transformers extras (Triton kernels
+# are checked on CPU under TRITON_INTERPRET=1; transformers runs the end-to-end model tests and
+# `cpattn-bench e2e`). Override TORCH for another build.
 VENV  ?= .venv
 TORCH ?= torch==2.13.0
 PY    := $(VENV)/bin/python
@@ -21,7 +22,7 @@ NPU_TORCH ?= torch==2.14.1
 $(VENV)/.installed: setup.py pyproject.toml Makefile
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[test,triton]"
+	$(PY) -m pip install -q -e ".[test,triton,transformers]"
 	touch $@
 
 setup: $(VENV)/.installed

@@ -95,6 +95,8 @@ setup(
     extras_require={
         "test": ["pytest>=7", "hypothesis>=6.100", "pytest-timeout>=2"],
         "triton": ["triton>=3.2"],
+        # cpattn.integrations.transformers (ContextParallelLM); the core never imports it
+        "transformers": ["transformers>=5"],
     },
     ext_modules=ext_modules,
     cmdclass={"build_ext": CMakeAscendC},

@@ -9,6 +9,9 @@ Public ops (also registered as ``torch.ops.cpattn.<name>``):
   :func:`pcp_partition` (head-tail token layout) and :func:`pcp_restore` (back to global order).
 * Serving (plan once per step, run once per layer, no host sync in ``run``; docs/serving.md):
   :class:`DcpDecodePlan` and :class:`PcpPrefillPlan`; the one-call ops are these, planned and run once.
+* :func:`pcp_to_dcp_handoff`: move a PCP prefill's K/V rows into the DCP-layout paged cache.
+* :mod:`cpattn.integrations.transformers` (extra ``cpattn[transformers]``, imported on demand):
+  ``ContextParallelLM``, PCP prefill + DCP decode for Hugging Face models.
 
 LSE contract (:mod:`cpattn.lse`): float32, natural log, shaped like ``out`` without its last
 dim; ``(0, -inf)`` is the empty state; ``+inf``/NaN input LSEs are treated as empty.
@@ -21,6 +24,7 @@ from .backends import BackendError, list_backends
 from .merge import merge_attn_states, merge_attn_states_n
 from .partition import pcp_partition, pcp_restore
 from .pcp import PcpContext, PcpPrefillPlan, pcp_ring_prefill
+from .handoff import pcp_to_dcp_handoff
 
 __version__ = "0.1.0"
 
@@ -39,5 +43,6 @@ __all__ = [
     "pcp_partition",
     "pcp_restore",
     "pcp_ring_prefill",
+    "pcp_to_dcp_handoff",
     "reference",
 ]

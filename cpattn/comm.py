@@ -31,6 +31,7 @@ __all__ = [
     "all_reduce_sum",
     "reduce_scatter_sum",
     "all_to_all",
+    "all_to_all_uneven",
     "RingComm",
     "agree",
     "CollectiveInputError",
@@ -239,6 +240,23 @@ def all_to_all(t: torch.Tensor, group=None) -> torch.Tensor:
     for w in dist.batch_isend_irecv(ops):
         w.wait()
     outs[me].copy_(ins[me])
+    return out
+
+
+def all_to_all_uneven(t: torch.Tensor, send_counts: list[int], recv_counts: list[int], group=None) -> torch.Tensor:
+    """``t [sum(send_counts), ...]``: the next ``send_counts[j]`` rows go to rank ``j``; returns
+    ``[sum(recv_counts), ...]``, the rows received, in rank order (``recv_counts[i]`` from rank
+    ``i``). Counts are host ints that every pair of ranks must agree on (rank ``i``'s
+    ``send_counts[j]`` is rank ``j``'s ``recv_counts[i]``). World size 1: returns ``t``."""
+    n = world_size(group)
+    if len(send_counts) != n or len(recv_counts) != n:
+        raise ValueError(f"all_to_all_uneven: need {n} send and receive counts; got {len(send_counts)}, {len(recv_counts)}")
+    if n == 1:
+        return t
+    src = t.contiguous()
+    out = torch.empty((sum(recv_counts), *src.shape[1:]), dtype=src.dtype, device=src.device)
+    dist.all_to_all_single(out, src, output_split_sizes=list(recv_counts), input_split_sizes=list(send_counts),
+                           group=group)
     return out
 
 

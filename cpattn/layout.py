@@ -34,6 +34,7 @@ __all__ = [
     "dcp_local_seq_lens_all",
     "query_positions",
     "slot_mapping",
+    "allocate_block_table",
     "ShardedCache",
     "shard_kv",
     "shard_paged_cache",
@@ -150,6 +151,37 @@ def slot_mapping(
     blocks = block_table.to(torch.int64)[req_indices.to(torch.int64), col]
     slots = blocks * block_size + lp % block_size
     return torch.where(mine, slots, torch.full_like(slots, -1))
+
+
+def allocate_block_table(
+    seq_lens: torch.Tensor,
+    *,
+    world_size: int,
+    rank: int,
+    block_size: int,
+    interleave: int = 1,
+    first_block: int = 0,
+) -> tuple[torch.Tensor, int]:
+    """A simple allocator: fresh, consecutive blocks on ``rank`` for requests that will reach
+    GLOBAL lengths ``seq_lens [B]`` (capacity, e.g. prompt + new tokens).
+
+    Request ``b`` gets ``ceil(local_len_b / block_size)`` blocks (``local_len`` from
+    :func:`dcp_local_seq_lens`), numbered from ``first_block`` on, request after request.
+    Returns ``(block_table [B, width] int32 on seq_lens' device, num_blocks)``: ``width`` is the most
+    blocks ANY rank needs for any request (at least 1), so every rank's table has the same shape;
+    entries past a request's blocks are 0 and never read. Reads ``seq_lens`` on the host.
+    """
+    check_layout(world_size, interleave, block_size, rank)
+    lens = seq_lens.to(torch.int64).cpu()
+    if lens.dim() != 1 or (lens < 0).any():
+        raise ValueError(f"layout: seq_lens must be 1-D and >= 0; got {lens.tolist()[:16]}")
+    need_all = (dcp_local_seq_lens_all(lens, world_size, interleave) + block_size - 1) // block_size  # [N, B]
+    width = max(1, int(need_all.max()) if need_all.numel() else 1)
+    need = need_all[rank]
+    starts = first_block + torch.cumsum(need, 0) - need
+    cols = torch.arange(width, dtype=torch.int64)
+    table = torch.where(cols[None, :] < need[:, None], starts[:, None] + cols[None, :], torch.zeros_like(cols)[None, :])
+    return table.to(torch.int32).to(seq_lens.device), int(need.sum())
 
 
 class ShardedCache(NamedTuple):

@@ -6,7 +6,7 @@ detail; ``cpattn-bench SUB --help`` lists their options.
 
 Each subcommand lives in its own module ``cpattn.bench.<name>`` with ``register(subparsers)``
 (adds its parser, with ``func`` set) and ``tour() -> bool`` (a short checked run; True when every
-check passed).
+check passed); :data:`TOUR` lists the ones the default tour runs.
 """
 from __future__ import annotations
 
@@ -14,7 +14,10 @@ import argparse
 import importlib
 import sys
 
-SUBCOMMANDS = ["merge", "pcp", "dcp"]
+SUBCOMMANDS = ["merge", "pcp", "dcp", "e2e"]
+# The default tour. e2e is not in it: its rank processes must import transformers (about 5 s of
+# CPU each, on top of torch), so it cannot stay a few seconds; run `cpattn-bench e2e` on its own.
+TOUR = ["merge", "pcp", "dcp"]
 
 
 def _modules():
@@ -30,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.cmd is None:
         print("cpattn-bench: default tour (short checked runs of every op on CPU)")
-        ok = all([m.tour() for m in mods])
+        ok = all([m.tour() for m in mods if m.__name__.rsplit(".", 1)[-1] in TOUR])
         print("\ntour:", "all checks passed" if ok else "SOME CHECKS FAILED")
         return 0 if ok else 1
     return int(args.func(args) or 0)
