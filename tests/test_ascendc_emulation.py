@@ -45,8 +45,10 @@ def emu_lib():
     lib = out / f"emu_test_{h.hexdigest()[:16]}.so"
     if not lib.exists():
         tmp = lib.with_suffix(f".{os.getpid()}.tmp")
-        subprocess.run([cxx, "-std=c++17", "-O1", "-shared", "-fPIC", "-fvisibility=hidden", f"-I{EMU}",
-                        *map(str, SRC), "-o", str(tmp)], check=True, capture_output=True, text=True)
+        r = subprocess.run([cxx, "-std=c++17", "-O1", "-shared", "-fPIC", "-fvisibility=hidden", f"-I{EMU}",
+                            *map(str, SRC), "-o", str(tmp)], capture_output=True, text=True)
+        if r.returncode:
+            pytest.fail(f"the emulation test kernels do not compile:\n{r.stderr[-4000:]}")
         os.replace(tmp, lib)
     so = ctypes.CDLL(str(lib))
     so.emu_test_run.restype = ctypes.c_int
@@ -74,6 +76,8 @@ def test_a_kernel_that_follows_every_rule_runs_clean(emu_lib):
     np.testing.assert_array_equal(y[:256], 2 * x[:256] + 1)
     assert (y[256:] == 0).all()
     run(emu_lib, "flag_mte2_v_ok")
+    run(emu_lib, "gm_read_after_write_flag_ok")
+    run(emu_lib, "gm_overlapping_writes_one_buffer_ok")
 
 
 @pytest.mark.parametrize(
@@ -104,6 +108,10 @@ def test_a_kernel_that_follows_every_rule_runs_clean(emu_lib):
         ("wait_flag_never_set", "flag-balance", "no matching SetFlag"),
         ("gm_out_of_bounds", "gm-bounds", "out of bounds"),
         ("select_without_reserved_ub", "reserved-ub", "8 KiB"),
+        ("gm_read_after_write_no_flag", "pipe-race", "MTE3_MTE2"),
+        ("gm_overlapping_writes_no_barrier", "pipe-race", "PipeBarrier<PIPE_MTE3>"),
+        ("vector_partial_overlap", "operand-overlap", "overlap partly"),
+        ("level0_overlap_across_repeats", "operand-overlap", "later repeat"),
     ],
 )
 def test_each_broken_rule_raises_naming_it(emu_lib, kernel, rule, words):
@@ -120,6 +128,14 @@ def test_blocks_racing_on_global_memory(emu_lib, kernel):
     with pytest.raises(EmulationError, match="block-overlap") as info:
         run(emu_lib, kernel, blocks=3)
     assert info.value.rule == "block-overlap"
+
+
+def test_barriers_and_flags_are_recorded(emu_lib):
+    run(emu_lib, "good_kernel", blocks=2)
+    buf = ctypes.create_string_buffer(4096)
+    n = emu_lib.emu_test_log(buf, 4096)
+    assert buf.value.decode().splitlines() == ["PipeBarrier PIPE_V", "SetFlag PIPE_V->PIPE_S 1", "WaitFlag PIPE_V->PIPE_S 1"]
+    assert n == 3
 
 
 def test_every_block_runs(emu_lib):

@@ -373,6 +373,84 @@ KERNEL(select_without_reserved_ub) {
     Select(t, bits, t, 1.0f, SELMODE::VSEL_TENSOR_SCALAR_MODE, 64);  // reserves 8 KiB on A2
 }
 
+namespace {
+// y[0:64] = 1 through a VECOUT queue (MTE3); returns after the copy is issued
+template <class Q>
+void write_y(TPipe& pipe, Q& out, GM_ADDR y, uint64_t at) {
+    LocalTensor<float> b = out.template AllocTensor<float>();
+    Duplicate(b, 1.0f, 64);
+    out.EnQue(b);
+    b = out.template DeQue<float>();
+    DataCopy(gx(y)[at], b, 64);
+    out.FreeTensor(b);
+}
+void read_y(TQue<TPosition::VECIN, 1>& in, GM_ADDR y) {
+    LocalTensor<float> a = in.AllocTensor<float>();
+    DataCopy(a, gx(y), 64);
+    in.EnQue(a);
+    a = in.DeQue<float>();
+    in.FreeTensor(a);
+}
+}  // namespace
+
+KERNEL(gm_read_after_write_no_flag) {
+    TPipe pipe;
+    TQue<TPosition::VECOUT, 1> out;
+    TQue<TPosition::VECIN, 1> in;
+    pipe.InitBuffer(out, 1, 256);
+    pipe.InitBuffer(in, 1, 256);
+    write_y(pipe, out, y, 0);
+    read_y(in, y);  // MTE2 may read before MTE3 wrote
+}
+
+KERNEL(gm_read_after_write_flag_ok) {
+    TPipe pipe;
+    TQue<TPosition::VECOUT, 1> out;
+    TQue<TPosition::VECIN, 1> in;
+    pipe.InitBuffer(out, 1, 256);
+    pipe.InitBuffer(in, 1, 256);
+    write_y(pipe, out, y, 0);
+    SetFlag<HardEvent::MTE3_MTE2>(EVENT_ID0);
+    WaitFlag<HardEvent::MTE3_MTE2>(EVENT_ID0);
+    read_y(in, y);
+}
+
+KERNEL(gm_overlapping_writes_no_barrier) {
+    TPipe pipe;
+    TQue<TPosition::VECOUT, 2> out;  // two buffers: the second write does not wait for the first
+    pipe.InitBuffer(out, 2, 256);
+    write_y(pipe, out, y, 0);
+    write_y(pipe, out, y, 32);  // overlaps y[32:64]: PipeBarrier<PIPE_MTE3> between them
+}
+
+KERNEL(gm_overlapping_writes_one_buffer_ok) {  // one buffer: FreeTensor/AllocTensor order them
+    TPipe pipe;
+    TQue<TPosition::VECOUT, 1> out;
+    pipe.InitBuffer(out, 1, 256);
+    write_y(pipe, out, y, 0);
+    write_y(pipe, out, y, 32);
+}
+
+KERNEL(vector_partial_overlap) {
+    TPipe pipe;
+    TBuf<TPosition::VECCALC> a;
+    pipe.InitBuffer(a, 512);
+    LocalTensor<float> t = a.Get<float>();
+    Duplicate(t, 1.0f, 128);
+    PipeBarrier<PIPE_V>();
+    Adds(t[8], t, 1.0f, 64);
+}
+
+KERNEL(level0_overlap_across_repeats) {
+    TPipe pipe;
+    TBuf<TPosition::VECCALC> a;
+    pipe.InitBuffer(a, 1024);
+    LocalTensor<float> t = a.Get<float>();
+    Duplicate(t, 1.0f, 256);
+    PipeBarrier<PIPE_V>();
+    Adds(t[64], t, 1.0f, 64, 2, UnaryRepeatParams(1, 1, 8, 8));  // repeat 1 reads what repeat 0 writes
+}
+
 // ---------------------------------------------------------------- documented semantics
 
 // y[0:64] = Cast(x[0:64] -> bfloat16, CAST_RINT) as float; y[64:128] the same to half;
@@ -483,7 +561,8 @@ static const std::map<std::string, KernelFn>& kernels() {
         K(missing_pipe_barrier), K(missing_flag_mte2_v), K(flag_mte2_v_ok), K(scalar_read_without_flag),
         K(set_flag_never_waited), K(wait_flag_never_set), K(blocks_write_same_bytes), K(block_reads_what_another_writes),
         K(gm_out_of_bounds), K(select_without_reserved_ub), K(cast_semantics), K(broadcast_mul_semantics),
-        K(every_block_runs), K(reduce_repeat_semantics),
+        K(every_block_runs), K(reduce_repeat_semantics), K(gm_read_after_write_no_flag), K(gm_read_after_write_flag_ok),
+        K(gm_overlapping_writes_no_barrier), K(gm_overlapping_writes_one_buffer_ok), K(vector_partial_overlap), K(level0_overlap_across_repeats),
 #undef K
     };
     return k;
@@ -516,4 +595,12 @@ extern "C" __attribute__((visibility("default"))) int emu_test_run(const char* n
         return 2;
     }
     return 0;
+}
+
+// The barrier/flag record of the last block of the last launch, one entry per line.
+extern "C" __attribute__((visibility("default"))) int emu_test_log(char* out, int len) {
+    std::string all;
+    for (const auto& l : emu::core().log) all += l + "\n";
+    std::snprintf(out, size_t(len), "%s", all.c_str());
+    return int(emu::core().log.size());
 }

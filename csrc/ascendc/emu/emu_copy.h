@@ -66,8 +66,8 @@ void DataCopy(const LocalTensor<T>& dst, const GlobalTensor<T>& src, uint32_t co
     if (count > dst.GetSize()) emu::fail(emu::rule::UB_BOUNDS, emu::cat(api, ": ", count, " elements beyond the local tensor"));
     detail::local_operand(dst, bytes, emu::P_MTE2, true, api);
     src.span(0, count, api);
-    emu::gm_access(src.emu_ptr(), bytes, false, api);
     emu::issue(emu::P_MTE2);
+    emu::gm_access(src.emu_ptr(), bytes, false, api, emu::P_MTE2);
     emu::ub_write(emu::P_MTE2, dst.emu_ptr(), bytes, api);
     std::memmove(dst.emu_ptr(), src.emu_ptr(), bytes);
 }
@@ -83,8 +83,8 @@ void DataCopy(const GlobalTensor<T>& dst, const LocalTensor<T>& src, uint32_t co
     if (count > src.GetSize()) emu::fail(emu::rule::UB_BOUNDS, emu::cat(api, ": ", count, " elements beyond the local tensor"));
     detail::local_operand(src, bytes, emu::P_MTE3, false, api);
     dst.span(0, count, api);
-    emu::gm_access(dst.emu_ptr(), bytes, true, api);
     emu::issue(emu::P_MTE3);
+    emu::gm_access(dst.emu_ptr(), bytes, true, api, emu::P_MTE3);
     emu::ub_read(emu::P_MTE3, src.emu_ptr(), bytes, api);
     std::memmove(dst.emu_ptr(), src.emu_ptr(), bytes);
 }
@@ -102,7 +102,7 @@ void DataCopy(const LocalTensor<T>& dst, const GlobalTensor<T>& src, const DataC
         const uint8_t* si = s + i * (len + size_t(p.srcStride) * 32);
         uint8_t* di = d + i * (len + size_t(p.dstStride) * 32);
         src.span((si - s) / sizeof(T), len / sizeof(T), api);
-        emu::gm_access(si, len, false, api);
+        emu::gm_access(si, len, false, api, emu::P_MTE2);
         emu::buffer_of(di, len ? len : 1, api);
         emu::ub_write(emu::P_MTE2, di, len, api);
         std::memmove(di, si, len);
@@ -123,7 +123,7 @@ void DataCopy(const GlobalTensor<T>& dst, const LocalTensor<T>& src, const DataC
         emu::buffer_of(si, len ? len : 1, api);
         emu::ub_read(emu::P_MTE3, si, len, api);
         dst.span((di - d) / sizeof(T), len / sizeof(T), api);
-        emu::gm_access(di, len, true, api);
+        emu::gm_access(di, len, true, api, emu::P_MTE3);
         std::memmove(di, si, len);
     }
 }
@@ -160,7 +160,7 @@ void DataCopyPad(const LocalTensor<T>& dst, const GlobalTensor<T>& src, const Da
         const uint8_t* si = s + size_t(i) * (p.blockLen + size_t(p.srcStride));
         uint8_t* di = d + size_t(i) * (span + size_t(p.dstStride) * 32);
         src.span((si - s) / sizeof(T), p.blockLen / sizeof(T), api);
-        emu::gm_access(si, p.blockLen, false, api);
+        emu::gm_access(si, p.blockLen, false, api, emu::P_MTE2);
         emu::buffer_of(di, span, api);
         emu::ub_write(emu::P_MTE2, di, span, api);
         std::memmove(di + L, si, p.blockLen);
@@ -202,7 +202,7 @@ void DataCopyPad(const GlobalTensor<T>& dst, const LocalTensor<T>& src, const Da
         emu::buffer_of(si, p.blockLen, api);
         emu::ub_read(emu::P_MTE3, si, p.blockLen, api);
         dst.span((di - d) / sizeof(T), p.blockLen / sizeof(T), api);
-        emu::gm_access(di, p.blockLen, true, api);
+        emu::gm_access(di, p.blockLen, true, api, emu::P_MTE3);
         std::memmove(di, si, p.blockLen);
     }
 }

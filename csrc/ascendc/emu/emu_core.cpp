@@ -49,6 +49,7 @@ void Core::reset() {
     flag_set.assign(64 * 8, 0);
     flag_clock.assign(64 * 8, {});
     log.clear();
+    gm_pending.clear();
     pipe_made = false;
     reserved_api_used = false;
 }
@@ -156,11 +157,37 @@ void check_state(int buf, int pipe, bool write, const char* api) {
 
 // ---------------------------------------------------------------- global memory
 
-void gm_access(const void* p, size_t bytes, bool write, const char* api) {
+static void gm_order(uintptr_t lo, uintptr_t hi, bool write, int pipe, const char* api) {
+    auto& c = core();
+    const uint64_t now = c.seq[pipe];
+    auto synced = [&](const Core::GmPending& e, int by) { return c.clock[by][e.pipe] >= e.seq; };
+    // forget accesses every other DataCopy pipe is ordered after
+    c.gm_pending.erase(std::remove_if(c.gm_pending.begin(), c.gm_pending.end(),
+                                      [&](const Core::GmPending& e) {
+                                          return e.write ? synced(e, P_MTE2) && synced(e, P_MTE3) : synced(e, P_MTE3);
+                                      }),
+                       c.gm_pending.end());
+    for (const auto& e : c.gm_pending) {
+        if (e.hi <= lo || hi <= e.lo || (e.pipe == pipe && e.seq == now)) continue;
+        if (e.write && !write && !synced(e, pipe))
+            fail(rule::RACE, cat(api, " reads global bytes that an earlier DataCopy to GM of this block writes, with no "
+                                      "SetFlag/WaitFlag<HardEvent::MTE3_MTE2> in between (read-after-write)"));
+        if (!e.write && write && !synced(e, pipe))
+            fail(rule::RACE, cat(api, " writes global bytes that an earlier DataCopy from GM of this block reads, with "
+                                      "no synchronisation in between (write-after-read)"));
+        if (e.write && write && !synced(e, pipe))
+            fail(rule::RACE, cat(api, " writes global bytes an earlier DataCopy to GM of this block writes, with no "
+                                      "PipeBarrier<PIPE_MTE3>() in between (write-after-write)"));
+    }
+    c.gm_pending.push_back({lo, hi, pipe, now, write});
+}
+
+void gm_access(const void* p, size_t bytes, bool write, const char* api, int pipe) {
     if (!bytes) return;
     auto& L = launch_state();
     if (!L.active) fail(rule::USAGE, cat(api, ": global memory access outside a kernel launch"));
     uintptr_t lo = reinterpret_cast<uintptr_t>(p), hi = lo + bytes;
+    if (pipe == P_MTE2 || pipe == P_MTE3) gm_order(lo, hi, write, pipe, api);
     for (const auto& r : L.regions) {
         if (lo >= r.lo && hi <= r.hi) {
             if (write && !r.writable)

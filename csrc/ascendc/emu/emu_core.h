@@ -46,6 +46,7 @@ constexpr const char* RACE = "pipe-race";                   // missing EnQue/DeQ
 constexpr const char* FLAG = "flag-balance";                // SetFlag/WaitFlag pairing
 constexpr const char* BLOCK_OVERLAP = "block-overlap";      // two blocks write (or write and read) the same bytes
 constexpr const char* RESERVED_UB = "reserved-ub";          // API needing reserved UB without room
+constexpr const char* OVERLAP = "operand-overlap";          // partial src/dst overlap in a vector op
 constexpr const char* USAGE = "api-usage";                  // anything else the API forbids
 }  // namespace rule
 
@@ -114,6 +115,13 @@ struct Core {
     std::vector<int> flag_set;
     std::vector<std::array<uint64_t, P_COUNT>> flag_clock;
     std::vector<std::string> log;  // barrier / flag record (tests read it)
+    struct GmPending {
+        uintptr_t lo, hi;
+        int pipe;
+        uint64_t seq;
+        bool write;
+    };
+    std::vector<GmPending> gm_pending;  // this block's DataCopy global accesses not yet ordered
     bool pipe_made = false;
     bool reserved_api_used = false;
 
@@ -158,7 +166,11 @@ void ub_read_blocks(int pipe, const std::vector<uint32_t>& blocks, const char* a
 void ub_write_blocks(int pipe, const std::vector<uint32_t>& blocks, const char* api);
 
 // ---- global memory
-void gm_access(const void* p, size_t bytes, bool write, const char* api);
+// pipe: P_MTE2/P_MTE3 for DataCopy(Pad), whose order within the block is checked too (a read
+// of bytes an earlier MTE3 write of this block wrote needs MTE3 -> MTE2 sync, a write over bytes
+// MTE2 read needs MTE2 -> MTE3, two overlapping MTE3 writes need PipeBarrier<PIPE_MTE3>); -1
+// for scalar accesses (bounds only).
+void gm_access(const void* p, size_t bytes, bool write, const char* api, int pipe = -1);
 
 // ---- tensors: find the buffer containing p and check [p, p+bytes) lies in it
 int buffer_of(const void* p, size_t bytes, const char* api);

@@ -10,6 +10,7 @@
 #pragma once
 
 #include <cfloat>
+#include <unordered_map>
 
 #include "emu_tensor.h"
 
@@ -144,6 +145,15 @@ inline void check_repeat(const RepeatTimes& r, const char* api) {
         emu::fail(emu::rule::REPEAT, emu::cat(api, ": repeatTime ", r.v, " outside 0..255 (an 8-bit field on the NPU)"));
 }
 
+// Source and destination may be the same memory or disjoint, never partly overlapping.
+inline void check_overlap(const char* api, const void* d, size_t dbytes, const void* s, size_t sbytes) {
+    auto* a = static_cast<const uint8_t*>(d);
+    auto* b = static_cast<const uint8_t*>(s);
+    if (a < b + sbytes && b < a + dbytes && (a != b || dbytes != sbytes))
+        emu::fail(emu::rule::OVERLAP, emu::cat(api, ": source and destination overlap partly (UB offsets ", emu::core().off(b),
+                                               " and ", emu::core().off(a), "); only identical or disjoint operands are allowed"));
+}
+
 // dst[i] = f(src_k[i]...) over count elements
 template <typename TD, typename TS, size_t K, typename F>
 void count_op(const char* api, const LocalTensor<TD>& dst, std::array<const LocalTensor<TS>*, K> src, int64_t count, F f) {
@@ -151,6 +161,7 @@ void count_op(const char* api, const LocalTensor<TD>& dst, std::array<const Loca
     if (count == 0) return;
     for (auto* s : src) v_operand(*s, count, false, api);
     v_operand(dst, count, true, api);
+    for (auto* s : src) check_overlap(api, dst.emu_ptr(), count * sizeof(TD), s->emu_ptr(), count * sizeof(TS));
     emu::issue(emu::P_V);
     for (auto* s : src) emu::ub_read(emu::P_V, s->emu_ptr(), count * sizeof(TS), api);
     emu::ub_write(emu::P_V, dst.emu_ptr(), count * sizeof(TD), api);
@@ -183,6 +194,26 @@ void repeat_op(const char* api, const LocalTensor<T>& dst, Stride ds, std::array
         emu::check_state(emu::buffer_of(src[k]->emu_ptr(), 1, api), emu::P_V, false, api);
     }
     emu::check_state(emu::buffer_of(dst.emu_ptr(), 1, api), emu::P_V, true, api);
+    // overlap, as documented for level 0: within a repeat a source lane and the destination lane
+    // are the same address or disjoint; no repeat may read what an earlier repeat wrote
+    const size_t per = lanes.on.size();
+    for (size_t k = 0; k < K; ++k) {
+        std::unordered_map<const T*, std::pair<int64_t, size_t>> last;  // address -> (latest repeat, lane)
+        for (size_t j = 0; j < si[k].size(); ++j) {
+            const T* a = src[k]->emu_ptr() + si[k][j];
+            auto it = last.find(a);
+            if (it == last.end() || int64_t(j / per) >= it->second.first) last[a] = {int64_t(j / per), j % per};
+        }
+        for (size_t j = 0; j < di.size(); ++j) {
+            auto it = last.find(dst.emu_ptr() + di[j]);
+            if (it == last.end()) continue;
+            const int64_t r = int64_t(j / per);
+            if (it->second.first > r || (it->second.first == r && it->second.second != j % per))
+                emu::fail(emu::rule::OVERLAP, emu::cat(api, ": the destination of repeat ", r, " overlaps a source element read ",
+                                                       it->second.first > r ? "by a later repeat" : "by another lane",
+                                                       " (only 100% overlap within a repeat is allowed)"));
+        }
+    }
     emu::issue(emu::P_V);
     for (size_t k = 0; k < K; ++k) emu::ub_read_blocks(emu::P_V, sblocks[k], api);
     emu::ub_write_blocks(emu::P_V, dblocks, api);
@@ -438,6 +469,7 @@ void Compares(const LocalTensor<U>& dst, const LocalTensor<T>& src0, const T src
                                                    " bytes, not a multiple of 256 (the NPU ignores the tail)"));
     detail::v_operand(src0, count, false, api);
     detail::v_operand(dst, (count + 7) / 8, true, api);
+    detail::check_overlap(api, dst.emu_ptr(), (count + 7) / 8, src0.emu_ptr(), count * sizeof(T));
     emu::issue(emu::P_V);
     emu::ub_read(emu::P_V, src0.emu_ptr(), count * sizeof(T), api);
     emu::ub_write(emu::P_V, dst.emu_ptr(), (count + 7) / 8, api);
@@ -459,6 +491,8 @@ void Select(const LocalTensor<T>& dst, const LocalTensor<U>& selMask, const Loca
     detail::v_operand(selMask.template ReinterpretCast<uint8_t>(), mbytes, false, api);
     detail::v_operand(src0, count, false, api);
     detail::v_operand(dst, count, true, api);
+    detail::check_overlap(api, dst.emu_ptr(), count * sizeof(T), src0.emu_ptr(), count * sizeof(T));
+    detail::check_overlap(api, dst.emu_ptr(), count * sizeof(T), selMask.emu_ptr(), mbytes);
     emu::issue(emu::P_V);
     emu::ub_read(emu::P_V, selMask.emu_ptr(), mbytes, api);
     emu::ub_read(emu::P_V, src0.emu_ptr(), count * sizeof(T), api);

@@ -25,6 +25,7 @@ uint64_t merge_attn_states_ub_bytes(uint32_t headDim, uint32_t dtype, uint32_t t
         ub += 2 * r32(tile * sz);           // inQue: two input tiles
         ub += 2 * r32(tile * sz);           // outQue: two output tiles (float32: also the accumulator)
         if (sz != 4) ub += 2 * r32(tile * 4);  // castBuf + accBuf (float32 copies of 16-bit data)
+        else ub += r32(tile * 4);              // compBuf: Kahan compensation of the float32 sum
         ub += r32(tile * 4);                // prodBuf: weighted input
         const uint64_t tile64 = (tile + 63) / 64 * 64;
         ub += r32(tile64 * 4) + r32(tile64 / 8);  // wfullBuf + emaskBuf: clearing empty inputs' rows
@@ -32,7 +33,7 @@ uint64_t merge_attn_states_ub_bytes(uint32_t headDim, uint32_t dtype, uint32_t t
     }
     ub += 2 * r32(uint64_t(chunkInputs) * rp * 4);  // lseQue: two LSE chunks
     ub += 2 * r32(rp * 4);                          // outLseQue
-    ub += r32(4 * rp * 4);                          // statBuf: max, sum, scratch, 1/sum
+    ub += r32(5 * rp * 4);                          // statBuf: max, sum, two scratch, sum compensation
     ub += r32(rp / 8);                              // maskBuf: Compares bits
     ub += r32(r8 * 8 * 4);                          // brcBuf: one 32-byte block per row
     return ub;
