@@ -15,6 +15,10 @@ setup(
     extras_require={
         "test": ["pytest>=7", "hypothesis>=6.100", "pytest-timeout>=2"],
         "triton": ["triton>=3.2"],
+        # Huawei's Triton for Ascend: replaces the `triton` module (never with the `triton`
+        # extra in one environment); needs pybind11 (undeclared) and, for its interpreter,
+        # numpy < 2.4. `make test-ascend-triton` builds its own venv with it.
+        "ascend": ["triton-ascend==3.2.0", "pybind11", "numpy<2.4"],
     },
     entry_points={"console_scripts": ["cpattn-bench=cpattn.bench.cli:main"]},
 )
