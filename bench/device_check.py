@@ -364,15 +364,20 @@ def run_graph(device, dtype, dry, out):
     buf = torch.empty(B, hq, d, dtype=dtype, device=device)
     plan.plan(lens_a, table)
     if device.type == "cuda":
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            plan.run(q, k_cache, v_cache, out=buf)  # warm-up: compiles, and must not sync
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+        plan.run(q, k_cache, v_cache, out=buf)  # warm-up: compiles the kernels
+        torch.cuda.synchronize()
+
+        def checked_run():  # a host sync inside run() raises here (torch's sync debug mode)
+            torch.cuda.set_sync_debug_mode("error")
+            try:
                 plan.run(q, k_cache, v_cache, out=buf)
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+
+        checked_run()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):  # the context synchronises on entry: outside the debug mode
+            checked_run()
         plan.plan(lens_b, table)
         graph.replay()
         torch.cuda.synchronize()
