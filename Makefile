@@ -44,7 +44,7 @@ $(ASCEND_VENV)/.installed: setup.py pyproject.toml Makefile
 
 test-ascend-triton: $(ASCEND_VENV)/.installed
 	CPATTN_HYPOTHESIS_PROFILE=ascend TRITON_INTERPRET=1 $(APY) -m pytest -q -m "not distributed" \
-		tests/test_triton.py tests/test_triton_nonfinite.py tests/test_device_check.py
+		tests/test_triton.py tests/test_triton_nonfinite.py tests/test_triton_tiles.py tests/test_device_check.py
 	TRITON_INTERPRET=0 $(APY) -m pytest -q tests/test_triton_ascend_lowering.py
 
 # On a machine with one CUDA GPU (after installing a CUDA build of torch and triton into .venv):
