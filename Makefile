@@ -17,7 +17,7 @@ NPU_VENV  ?= .venv-npu-check
 TORCH_NPU ?= torch-npu==2.14.0
 NPU_TORCH ?= torch==2.14.1
 
-.PHONY: bench test thorough setup clean check-ascendc-host
+.PHONY: bench test thorough setup clean check-ascendc-host test-ascend-triton device-check
 
 $(VENV)/.installed: setup.py pyproject.toml Makefile
 	python3 -m venv $(VENV)
@@ -45,5 +45,30 @@ $(NPU_VENV)/.installed: Makefile
 check-ascendc-host: $(NPU_VENV)/.installed
 	bash csrc/ascendc/npu/check_host.sh "$$($(NPU_VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
 
+
+# The triton-ascend lane: a second venv (triton-ascend replaces the `triton` module, so it never
+# shares one with stock Triton) with the CPU torch, the `ascend` extra (triton-ascend 3.2.0,
+# pybind11, numpy<2.4) and the test extras; no torch_npu (it needs CANN). It runs the Triton
+# tests under triton-ascend's interpreter (few examples: the `ascend` hypothesis profile), then
+# lowers every kernel through triton-ascend's compiler front end (make_ir -> ttir -> linalg).
+ASCEND_VENV ?= .venv-ascend
+APY := $(ASCEND_VENV)/bin/python
+
+$(ASCEND_VENV)/.installed: setup.py pyproject.toml Makefile
+	python3 -m venv $(ASCEND_VENV)
+	$(APY) -m pip install -q "$(TORCH)"
+	$(APY) -m pip install -q -e ".[test,ascend]"
+	touch $@
+
+test-ascend-triton: $(ASCEND_VENV)/.installed
+	CPATTN_HYPOTHESIS_PROFILE=ascend TRITON_INTERPRET=1 $(APY) -m pytest -q -m "not distributed" \
+		tests/test_triton.py tests/test_triton_nonfinite.py tests/test_triton_tiles.py tests/test_device_check.py
+	TRITON_INTERPRET=0 $(APY) -m pytest -q tests/test_triton_ascend_lowering.py
+
+# On a machine with one CUDA GPU (after installing a CUDA build of torch and triton into .venv):
+# correctness and timings of every Triton kernel, JSON + markdown (see bench/device_check.py).
+device-check:
+	$(PY) bench/device_check.py
+
 clean:
-	rm -rf $(VENV) $(NPU_VENV) .hypothesis .pytest_cache *.egg-info
+	rm -rf $(VENV) $(NPU_VENV) $(ASCEND_VENV) .hypothesis .pytest_cache *.egg-info

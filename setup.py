@@ -97,6 +97,10 @@ setup(
         "triton": ["triton>=3.2"],
         # cpattn.integrations.transformers (ContextParallelLM); the core never imports it
         "transformers": ["transformers>=5"],
+        # Huawei's Triton for Ascend: replaces the `triton` module (never with the `triton`
+        # extra in one environment); needs pybind11 (undeclared) and, for its interpreter,
+        # numpy < 2.4. `make test-ascend-triton` builds its own venv with it.
+        "ascend": ["triton-ascend==3.2.0", "pybind11", "numpy<2.4"],
     },
     ext_modules=ext_modules,
     cmdclass={"build_ext": CMakeAscendC},

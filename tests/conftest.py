@@ -1,8 +1,9 @@
 """Shared test setup: hypothesis profiles and real gloo worlds.
 
 Profiles (``CPATTN_HYPOTHESIS_PROFILE``): ``ci`` (default; sized so the whole suite stays well
-under 15 minutes on 2 cores) and ``thorough`` (thousands of examples per local property; run it
-before resolving an issue). Tests scale their example counts with :func:`examples`.
+under 15 minutes on 2 cores), ``thorough`` (thousands of examples per local property; run it
+before resolving an issue) and ``ascend`` (the triton-ascend interpreter lane of
+``make test-ascend-triton``: a few examples per property, the same assertions). Tests scale their example counts with :func:`examples`.
 """
 from __future__ import annotations
 
@@ -25,11 +26,14 @@ _COMMON = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, Healt
                print_blob=True)
 settings.register_profile("ci", max_examples=40, derandomize=True, **_COMMON)
 settings.register_profile("thorough", max_examples=2000, **_COMMON)
+settings.register_profile("ascend", max_examples=6, derandomize=True, **_COMMON)
 settings.load_profile(PROFILE)
 
 
 def examples(ci: int, thorough: int) -> int:
     """Example count for a property under the active profile."""
+    if PROFILE == "ascend":
+        return min(ci, 6)
     return thorough if PROFILE == "thorough" else ci
 
 

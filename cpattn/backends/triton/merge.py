@@ -1,16 +1,18 @@
 """N-way LSE merge as one Triton kernel (CUDA; Ascend through triton-ascend; CPU interpreter).
 
 Written to the portable subset that triton-ascend (Triton 3.2 based) accepts: plain pointers and
-masks, a 1-D grid of at most 65535 programs with a persistent loop over tiles of 16 rows, float32 math
-right after each load, no autotuning at import, no ``num_warps``/``num_stages`` reliance, and
-64-bit offsets computed once per row, outside the inner loops.
+masks, a 1-D grid of at most 65535 programs (the vector-core count on an NPU) with a persistent
+loop over tiles of 16 rows, float32 math right after each load, no autotuning at import, no
+``num_warps``/``num_stages`` reliance, and 64-bit arithmetic only on scalars (a tile's base).
 
 Inputs are addressed as ``first`` (input 0) plus ``rest`` (inputs 1..N-1, ``stride_n`` apart), so
 a stacked ``[N, ..., D]`` tensor and two separate tensors (the 2-way merge) both run without a
 copy; any other list of tensors is stacked once by the host wrapper.
 
-An input whose LSE is ``-inf``, ``+inf`` or NaN gets weight 0 and its ``out`` row is never
-loaded (masked load), so garbage or NaN under an empty LSE cannot leak into the result.
+An input whose LSE is ``-inf``, ``+inf`` or NaN gets weight 0 and its ``out`` row is dropped by a
+select after the load, so garbage or NaN under an empty LSE cannot leak into the result. Every
+load is masked by the rectangle of valid rows and columns of its tile (never by a per-row
+bound), which triton-ascend lowers to a bounded copy: nothing past the tensors is read.
 """
 from __future__ import annotations
 
@@ -18,7 +20,9 @@ import torch
 import triton
 import triton.language as tl
 
-MAX_PROGRAMS = 65535
+from . import tiles
+
+MAX_PROGRAMS = tiles.MAX_PROGRAMS
 
 
 @triton.jit
@@ -41,14 +45,15 @@ def _merge_kernel(
     r_offs = tl.arange(0, BLOCK_R)
     d_offs = tl.arange(0, BLOCK_D)
     for tile in range(pid, tl.cdiv(rows, BLOCK_R), nprog):
-        r = tile * BLOCK_R + r_offs
-        rm = r < rows
-        r64 = r.to(tl.int64)
-        lse_row = r64 * lse_stride_row
-        l0 = _clean(tl.load(lse_first_ptr + lse_row, mask=rm, other=float("-inf")).to(tl.float32))
+        row0 = tile * BLOCK_R
+        rm = r_offs < rows - row0  # valid rows of the tile: a prefix, so every mask below is a rectangle
+        row0_64 = tl.cast(row0, tl.int64)  # 64-bit arithmetic on scalars only
+        lse0 = lse_first_ptr + row0_64 * lse_stride_row + r_offs * lse_stride_row
+        lse_rest = lse_rest_ptr + row0_64 * lse_stride_row + r_offs * lse_stride_row
+        l0 = _clean(tl.load(lse0, mask=rm, other=float("-inf")).to(tl.float32))
         m = l0
         for i in range(0, N_REST):
-            li = _clean(tl.load(lse_rest_ptr + i * lse_stride_n + lse_row, mask=rm, other=float("-inf")).to(tl.float32))
+            li = _clean(tl.load(lse_rest + tl.cast(i, tl.int64) * lse_stride_n, mask=rm, other=float("-inf")).to(tl.float32))
             m = tl.maximum(m, li)
         m = tl.where(m == float("-inf"), 0.0, m)
         # Compensated (Kahan) sum of the weights: a plain running sum of N float32 terms can be
@@ -56,7 +61,7 @@ def _merge_kernel(
         total = tl.exp(l0 - m)
         comp = tl.zeros([BLOCK_R], tl.float32)
         for i in range(0, N_REST):
-            li = _clean(tl.load(lse_rest_ptr + i * lse_stride_n + lse_row, mask=rm, other=float("-inf")).to(tl.float32))
+            li = _clean(tl.load(lse_rest + tl.cast(i, tl.int64) * lse_stride_n, mask=rm, other=float("-inf")).to(tl.float32))
             y = tl.exp(li - m) - comp
             t = total + y
             comp = (t - total) - y
@@ -64,25 +69,23 @@ def _merge_kernel(
         # Empty rows (total 0) get weight 0 below; dividing (one rounding), not multiplying by a
         # rounded reciprocal, keeps float32 results within 2x of plain PyTorch's error.
         safe_total = tl.where(total > 0, total, float("inf"))
-        tl.store(out_lse_ptr + r64, m + tl.log(total), mask=rm)
+        tl.store(out_lse_ptr + row0_64 + r_offs, m + tl.log(total), mask=rm)
         f0 = tl.exp(l0 - m) / safe_total
-        # An input of weight 0 (empty, or a padding row) reads nothing: its bound is 0, not D.
-        lim0 = tl.where(f0 > 0, D, 0)
-        src0 = first_ptr + r64 * stride_row
-        rest_rows = rest_ptr + r64 * stride_row
-        dst = out_ptr + r64 * out_stride_row
+        use0 = f0 > 0  # weight 0 (empty, or a padding row): its values are dropped, NaN included
+        src0 = first_ptr + row0_64 * stride_row + r_offs[:, None] * stride_row
+        rest_rows = rest_ptr + row0_64 * stride_row + r_offs[:, None] * stride_row
+        dst = out_ptr + row0_64 * out_stride_row + r_offs[:, None] * out_stride_row
         for d0 in range(0, D, BLOCK_D):
             d = d0 + d_offs
-            acc = tl.load(src0[:, None] + d[None, :], mask=d[None, :] < lim0[:, None], other=0.0).to(tl.float32)
-            acc = acc * f0[:, None]
+            rect = rm[:, None] & (d[None, :] < D)
+            x0 = tl.load(src0 + d[None, :], mask=rect, other=0.0).to(tl.float32)
+            acc = tl.where(use0[:, None], x0 * f0[:, None], 0.0)
             for i in range(0, N_REST):
-                li = _clean(tl.load(lse_rest_ptr + i * lse_stride_n + lse_row, mask=rm, other=float("-inf")).to(tl.float32))
+                li = _clean(tl.load(lse_rest + tl.cast(i, tl.int64) * lse_stride_n, mask=rm, other=float("-inf")).to(tl.float32))
                 fi = tl.exp(li - m) / safe_total
-                lim = tl.where(fi > 0, D, 0)
-                x = tl.load(rest_rows[:, None] + i * stride_n + d[None, :], mask=d[None, :] < lim[:, None], other=0.0)
-                acc += x.to(tl.float32) * fi[:, None]
-            tl.store(dst[:, None] + d[None, :], acc.to(out_ptr.dtype.element_ty), mask=rm[:, None] & (d[None, :] < D))
-
+                x = tl.load(rest_rows + tl.cast(i, tl.int64) * stride_n + d[None, :], mask=rect, other=0.0)
+                acc += tl.where(fi[:, None] > 0, x.to(tl.float32) * fi[:, None], 0.0)
+            tl.store(dst + d[None, :], acc.to(out_ptr.dtype.element_ty), mask=rect)
 
 def _rows(t: torch.Tensor, rows: int, D: int) -> torch.Tensor:
     """``t`` as ``[rows, D]`` with unit stride on D (a view when possible, else a copy)."""
@@ -119,14 +122,14 @@ def merge(outs: list[torch.Tensor], lses: list[torch.Tensor], out: torch.Tensor,
                                                                                 device=out.device)
     first, rest, stride_n, n_rest, keep = _as_first_rest(outs, rows, max(D, 1))
     lfirst, lrest, lstride_n, _, keep_l = _as_first_rest([l.unsqueeze(-1) for l in lses], rows, 1)
-    block_r = 16
-    grid = (min(triton.cdiv(rows, block_r), MAX_PROGRAMS),)
+    blocks = tiles.merge_blocks(max(D, 1), out.element_size())
+    grid = tiles.grid(triton.cdiv(rows, blocks["BLOCK_R"]), out.device, uses_dot=False)
     _merge_kernel[grid](
         first, rest, stride_n, first.stride(0) if rows > 1 else 0,
         lfirst, lrest, lstride_n, lfirst.stride(0) if rows > 1 else 0,
         target, target.stride(0) if rows > 1 else 0, lse_target,
         rows, D, n_rest,
-        BLOCK_R=block_r, BLOCK_D=min(max(triton.next_power_of_2(max(D, 1)), 16), 128),
+        **blocks,
     )
     del keep, keep_l  # the kernel has been launched on the current stream; safe to release
     if not out.is_contiguous():

@@ -20,7 +20,14 @@ def online_step(m_i, l_i, acc, s, v_tile):
 
 @triton.jit
 def finish(m_i, l_i, acc):
-    """``(out, lse)`` of each row; a row that saw no key gives ``(0, -inf)``."""
+    """``(out, lse)`` of each row; a row that saw no key gives ``(0, -inf)``.
+
+    A NaN weight sum means a visible score was NaN or ``+inf`` (a NaN query, a NaN/inf key):
+    that row becomes NaN (output and LSE), as plain attention's would, instead of being
+    mistaken for a row with no key."""
+    bad = l_i != l_i
     seen = l_i > 0
     denom = tl.where(seen, l_i, 1.0)
-    return acc / denom[:, None], tl.where(seen, m_i + tl.log(denom), float("-inf"))
+    out = tl.where(bad[:, None], float("nan"), acc / denom[:, None])
+    lse = tl.where(seen, m_i + tl.log(denom), float("-inf"))
+    return out, tl.where(bad, float("nan"), lse)

@@ -6,15 +6,28 @@ Same contract as the ``attention`` kernel of the PyTorch backend (see
 its sequence whose position is ``<=`` its own. Returns ``(out [Tq, Hq, Dv] in q's dtype,
 lse [Tq, Hq] float32)``, ``(0, -inf)`` for a query that sees no key.
 
-A work item is (query tile of ``BLOCK_M`` tokens of one sequence, query head); key tiles are
-walked with an online softmax in float32, and under the causal mask a key tile whose smallest
+A work item is (query tile of ``BLOCK_M`` tokens of one sequence, query head, chunk of
+``BLOCK_DV`` value channels; block sizes from :func:`.tiles.varlen_blocks`, capped to an Ascend
+core's unified buffer); key tiles are walked with an online softmax in float32, and under the causal mask a key tile whose smallest
 position is past the query tile's largest is skipped, so blocks the mask hides cost nothing
 (positions need not be sorted: the test is on the tile's min and max). ``Dqk != Dv`` and GQA
 (query head ``h`` reads KV head ``h // (Hq / Hkv)``; KV is never repeated in memory) are native.
 
+Every load is masked by a rectangle (the tile's valid rows/keys, a prefix, and the head dim), so
+nothing past a sequence or a tensor is read.
+
+NaN/inf: a NaN query, or a NaN/inf in a visible K entry that makes a score NaN or ``+inf``,
+gives that query's head a NaN output row and a NaN LSE (plain float64 attention gives a NaN row
+too); a NaN/inf in a visible V entry reaches the output channels it touches. Caveat: a key
+tile is shared by ``BLOCK_M`` queries, so a NaN in the V row of a key that one query sees and
+another query of the same tile does not (causal) also reaches the second query (probability 0
+times NaN is NaN), as it does in plain attention written as one masked matrix product. A query
+that sees no key stays exactly ``(0, -inf)``.
+
 Portable subset (CUDA and triton-ascend): plain pointers and masks, a 1-D grid of at most 65535
-programs looping over work items, float32 math after each load (``tl.dot`` in IEEE float32),
-positions as int32, no autotuning at import. The host builds the tile table from
+programs looping over work items (the AI-core count on an NPU), float32 math after each load
+(``tl.dot`` in IEEE float32), positions as int32, 64-bit arithmetic only on scalars, no
+autotuning at import. The host builds the tile table from
 ``cu_seqlens_q`` (one host read, which the PCP layer has already made anyway).
 """
 from __future__ import annotations
@@ -26,9 +39,10 @@ import triton
 import triton.language as tl
 
 from ..positions import default_positions
+from . import tiles
 from .softmax import finish, online_step
 
-MAX_PROGRAMS = 65535
+MAX_PROGRAMS = tiles.MAX_PROGRAMS
 _BIG = tl.constexpr(2**30)
 
 
@@ -40,7 +54,7 @@ def _varlen_kernel(
     cuq_ptr, cuk_ptr, qpos_ptr, kpos_ptr, tiles_ptr,
     out_ptr, so_t, so_h,
     lse_ptr, sl_t,
-    n_items, HQ, G, DQK, DV, scale,
+    n_items, HQ, G, NDV, DQK, DV, scale,
     CAUSAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
@@ -51,49 +65,57 @@ def _varlen_kernel(
     d_offs = tl.arange(0, BLOCK_D)
     dv_offs = tl.arange(0, BLOCK_DV)
     for item in range(pid, n_items, nprog):
-        tile = item // HQ
-        hq = item % HQ
+        dc = item % NDV
+        rest = item // NDV
+        tile = rest // HQ
+        hq = rest % HQ
         hk = hq // G
         b = tl.load(tiles_ptr + 2 * tile)
         m0 = tl.load(tiles_ptr + 2 * tile + 1)
-        q_end = tl.load(cuq_ptr + b + 1)
+        row0 = tl.load(cuq_ptr + b) + m0  # first query row of the tile
+        n_rows = tl.load(cuq_ptr + b + 1) - row0  # valid rows: m_offs < n_rows (a rectangle)
         k_start = tl.load(cuk_ptr + b)
         k_end = tl.load(cuk_ptr + b + 1)
-        rows = tl.load(cuq_ptr + b) + m0 + m_offs
-        rmask = rows < q_end
-        rows64 = rows.to(tl.int64)
-        qp = tl.load(qpos_ptr + rows, mask=rmask, other=-_BIG)
+        dv0 = dc * BLOCK_DV
+        n_dv = DV - dv0
+        rmask = m_offs < n_rows
+        qp = tl.load(qpos_ptr + row0 + m_offs, mask=rmask, other=-_BIG)
         qp_max = tl.max(qp, axis=0)
-        q_rows = q_ptr + rows64 * sq_t + hq * sq_h
+        row0_64 = tl.cast(row0, tl.int64)  # 64-bit arithmetic on scalars only
+        q_base = q_ptr + row0_64 * sq_t + tl.cast(hq, tl.int64) * sq_h
+        k_head = k_ptr + tl.cast(hk, tl.int64) * sk_h
+        v_head = v_ptr + tl.cast(hk, tl.int64) * sv_h + dv0
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
         for n0 in range(k_start, k_end, BLOCK_N):
-            cols = n0 + n_offs
-            cmask = cols < k_end
-            kp = tl.load(kpos_ptr + cols, mask=cmask, other=_BIG)
+            n_cols = k_end - n0  # valid keys of the tile: n_offs < n_cols
+            cmask = n_offs < n_cols
+            kp = tl.load(kpos_ptr + n0 + n_offs, mask=cmask, other=_BIG)
             if tl.min(kp, axis=0) <= qp_max:  # else the causal mask hides the whole tile
-                cols64 = cols.to(tl.int64)
-                k_rows = k_ptr + cols64 * sk_t + hk * sk_h
+                n0_64 = tl.cast(n0, tl.int64)
+                k_tile = k_head + n0_64 * sk_t
                 s = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
                 for d0 in range(0, DQK, BLOCK_D):
                     d = d0 + d_offs
-                    qd = tl.load(q_rows[:, None] + d[None, :], mask=rmask[:, None] & (d[None, :] < DQK), other=0.0)
-                    kd = tl.load(k_rows[:, None] + d[None, :], mask=cmask[:, None] & (d[None, :] < DQK), other=0.0)
+                    qd = tl.load(q_base + m_offs[:, None] * sq_t + d[None, :],
+                                 mask=(m_offs[:, None] < n_rows) & (d[None, :] < DQK), other=0.0)
+                    kd = tl.load(k_tile + n_offs[:, None] * sk_t + d[None, :],
+                                 mask=(n_offs[:, None] < n_cols) & (d[None, :] < DQK), other=0.0)
                     s += tl.dot(qd.to(tl.float32), tl.trans(kd.to(tl.float32)), input_precision="ieee")
                 keep = rmask[:, None] & cmask[None, :]
                 if CAUSAL:
                     keep = keep & (kp[None, :] <= qp[:, None])
                 s = tl.where(keep, s * scale, float("-inf"))
-                v_rows = v_ptr + cols64 * sv_t + hk * sv_h
-                vt = tl.load(v_rows[:, None] + dv_offs[None, :], mask=cmask[:, None] & (dv_offs[None, :] < DV),
-                             other=0.0)
+                vt = tl.load(v_head + n0_64 * sv_t + n_offs[:, None] * sv_t + dv_offs[None, :],
+                             mask=(n_offs[:, None] < n_cols) & (dv_offs[None, :] < n_dv), other=0.0)
                 m_i, l_i, acc = online_step(m_i, l_i, acc, s, vt.to(tl.float32))
         o, lse = finish(m_i, l_i, acc)
-        o_rows = out_ptr + rows64 * so_t + hq * so_h
-        tl.store(o_rows[:, None] + dv_offs[None, :], o.to(out_ptr.dtype.element_ty),
-                 mask=rmask[:, None] & (dv_offs[None, :] < DV))
-        tl.store(lse_ptr + rows64 * sl_t + hq, lse, mask=rmask)
+        o_base = out_ptr + row0_64 * so_t + tl.cast(hq, tl.int64) * so_h + dv0
+        tl.store(o_base + m_offs[:, None] * so_t + dv_offs[None, :], o.to(out_ptr.dtype.element_ty),
+                 mask=(m_offs[:, None] < n_rows) & (dv_offs[None, :] < n_dv))
+        if dc == 0:
+            tl.store(lse_ptr + row0_64 * sl_t + hq + m_offs * sl_t, lse, mask=rmask)
 
 
 def check(q, k, v, cu_seqlens_q, cu_seqlens_k, q_positions=None, k_positions=None, causal=False, scale=None):
@@ -126,16 +148,18 @@ def attention(q, k, v, cu_seqlens_q, cu_seqlens_k, q_positions=None, k_positions
         return out, lse
     cu_q = [int(x) for x in cu_seqlens_q.tolist()]
     cu_k = [int(x) for x in cu_seqlens_k.tolist()]
-    block_m = 64 if dev.type == "cuda" else 16
-    tiles = [(b, m0) for b in range(len(cu_q) - 1) for m0 in range(0, cu_q[b + 1] - cu_q[b], block_m)]
-    tiles_t = torch.tensor(tiles or [(0, 0)], dtype=torch.int32, device=dev).view(-1)
+    blocks = tiles.varlen_blocks(dqk, dv, q.element_size(), dev.type)
+    block_m = blocks["BLOCK_M"]
+    n_dv = triton.cdiv(dv, blocks["BLOCK_DV"])
+    qtiles = [(b, m0) for b in range(len(cu_q) - 1) for m0 in range(0, cu_q[b + 1] - cu_q[b], block_m)]
+    tiles_t = torch.tensor(qtiles or [(0, 0)], dtype=torch.int32, device=dev).view(-1)
     if causal:
         qpos, kpos = _positions(cu_q, cu_k, q_positions, k_positions, dev)
     else:  # equal positions: no tile is ever skipped
         qpos = torch.zeros(tq, dtype=torch.int32, device=dev)
         kpos = torch.zeros(k.shape[0], dtype=torch.int32, device=dev)
-    n_items = len(tiles) * hq
-    _varlen_kernel[(max(1, min(n_items, MAX_PROGRAMS)),)](
+    n_items = len(qtiles) * hq * n_dv
+    _varlen_kernel[tiles.grid(n_items, dev, uses_dot=True)](
         q, q.stride(0), q.stride(1),
         k, k.stride(0), k.stride(1),
         v, v.stride(0), v.stride(1),
@@ -143,9 +167,8 @@ def attention(q, k, v, cu_seqlens_q, cu_seqlens_k, q_positions=None, k_positions
         qpos, kpos, tiles_t,
         out, out.stride(0), out.stride(1),
         lse, lse.stride(0),
-        n_items, hq, hq // hkv, dqk, dv, scale,
+        n_items, hq, hq // hkv, n_dv, dqk, dv, scale,
         CAUSAL=bool(causal),
-        BLOCK_M=block_m, BLOCK_N=block_m, BLOCK_D=min(64, max(16, triton.next_power_of_2(dqk))),
-        BLOCK_DV=max(16, triton.next_power_of_2(dv)),
+        **blocks,
     )
     return out, lse
