@@ -45,6 +45,7 @@ std::string merge_attn_states_tiling(uint64_t rows, uint32_t numInputs, uint32_t
     if (numInputs < 1) return "needs at least one input";
     if (dtype > kBFloat16) return "dtype code must be 0 (float32), 1 (float16) or 2 (bfloat16)";
     if (vectorCores < 1) return "needs at least one vector core";
+    if (vectorCores > 65535) return "more vector cores than the 65535 blocks a launch may have";
     const uint32_t dp = pad_dim(headDim, dtype);
     if (dp / 8 > 255) {  // one row of float32 is the repeat stride of the broadcast Mul (8 bits, in 32-byte blocks)
         why << "head dim " << headDim << " (padded to " << dp << ") > 2040: a float32 row must fit the 8-bit repeat stride";
