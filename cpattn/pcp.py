@@ -10,7 +10,7 @@ import torch
 
 from . import _validate as V
 from . import comm, pcp_context
-from .backends import BackendError, dispatch, select
+from .backends import BackendError, select
 from .partition import _partition, check_cu_seqlens
 from .pcp_context import PcpContext
 
@@ -211,7 +211,8 @@ def run(q, k, v, cu_seqlens, group_name: str, causal: bool, scale, method: str, 
     if ctx_part is None:
         return out, lse
     merged, merged_lse = empty_outputs(q, v)  # float32 weights and accumulation, one rounding
-    dispatch("merge", backend, outs=[out, ctx_part[0]], lses=[lse, ctx_part[1]], out=merged, out_lse=merged_lse)
+    inputs = dict(outs=[out, ctx_part[0]], lses=[lse, ctx_part[1]], out=merged, out_lse=merged_lse)
+    select("merge", backend, inputs).run("merge", **inputs, nan_propagate=True)  # strict: NaN partials stay NaN
     return merged, merged_lse
 
 

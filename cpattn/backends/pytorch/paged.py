@@ -26,6 +26,14 @@ replaced by block 0 and masked), and gathered K/V rows past the length are zeroe
 NaN cache contents and padded/garbage block-table entries cannot leak into the result. A query
 with no visible key gets ``out = 0``, ``lse = -inf``.
 
+NaN and inf are never hidden (:mod:`cpattn.reference`'s rule): a query row that sees a key and
+whose query, or the key or value of a key it sees, holds a NaN or inf comes out NaN (``out`` and
+``lse``), so that DCP's strict merge carries it into the result. On CPU a finite chunk costs one
+min/max pass over its gathered K and V; a chunk that is not finite has its non-finite values
+zeroed (so that a masked key's weight 0 times its NaN value cannot reach a query that does not
+see it) and the first such position per request and KV head is kept: every query whose visible
+prefix reaches it is poisoned. Off CPU every chunk takes that path (no host sync).
+
 No host sync off CPU: the caller passes ``max_query_len`` and ``max_kv_len`` (host ints it
 already has); on CPU, where it is free, ``min(visible_lens)`` is read too so that chunks every
 query fully sees skip the masking.
@@ -64,6 +72,7 @@ def paged_attention(q, k_cache, v_cache, block_table, query_start_loc, visible_l
     lse = torch.full((T, Hq), float("-inf"), dtype=_lse_dtype(q.dtype), device=dev)
     if T == 0 or B == 0 or NB == 0 or max_kv_len <= 0:
         return out, lse
+    q_bad = ~torch.isfinite(q).all(dim=-1)  # [T, Hq]: poisoned queries (if they see any key)
 
     # Pad queries per request: token t -> (request b, slot j). Query rows are laid out
     # [Hkv, B, Qm * G, D] so that each KV head's scores are one contiguous bmm output.
@@ -93,6 +102,9 @@ def paged_attention(q, k_cache, v_cache, block_table, query_start_loc, visible_l
     n_cols = min(-(-max_kv_len // bs), table.shape[1])
     # Buffers reused by every chunk (fresh large allocations cost page faults on each chunk).
     buf = _Buffers(B * nblk * bs, Hkv, Dqk, Dv, QG, q.dtype, cd, dev, with_v=v_cache is not None)
+    # first local position whose key or value holds a NaN/inf, per request and KV head
+    no_bad = n_cols * bs
+    first_bad = torch.full((B, Hkv), no_bad, dtype=torch.int64, device=dev)
     for b0 in range(0, n_cols, nblk):
         b1 = min(b0 + nblk, n_cols)
         c = (b1 - b0) * bs
@@ -103,6 +115,8 @@ def paged_attention(q, k_cache, v_cache, block_table, query_start_loc, visible_l
         dead = (pos[None, :] >= kv_len[:, None])[:, :, None, None] if masked else None  # [B, c, 1, 1]
         kf = buf.gather(k_cache, ids, "k", B, c, dead)  # [B, c, Hkv, Dqk] compute dtype
         vf = kf[..., :Dv] if v_cache is None else buf.gather(v_cache, ids, "v", B, c, dead)
+        if not on_cpu or not _finite(kf, vf if v_cache is not None else None):
+            first_bad = torch.minimum(first_bad, _first_nonfinite(kf, vf if v_cache is not None else None, pos, no_bad))
         s = buf.scores[: Hkv * B * QG * c].view(Hkv, B, QG, c)
         for h in range(Hkv):
             torch.bmm(qp[h], kf[:, :, h].transpose(1, 2), out=s[h])
@@ -126,7 +140,34 @@ def paged_attention(q, k_cache, v_cache, block_table, query_start_loc, visible_l
     row_lse = row_lse.view(Hkv, B, Qm, G).permute(1, 2, 0, 3).reshape(B, Qm, Hq)
     out.copy_(o[req, slot])
     lse.copy_(row_lse[req, slot])
+    # Poisoned rows -> NaN: the query is not finite, a key or value it sees is not, or (finite but
+    # absurd input) its result overflowed. Rows that see no key stay (0, -inf).
+    t_vis = visible_lens.to(torch.int64)[:, None]  # [T, 1]
+    kv_bad = (t_vis > first_bad[req]).repeat_interleave(G, dim=1)  # [T, Hq]
+    sees = t_vis > 0
+    poisoned = sees & (q_bad | kv_bad | ~torch.isfinite(lse) | ~torch.isfinite(out).all(dim=-1))
+    out.masked_fill_(poisoned[..., None], float("nan"))
+    lse.masked_fill_(poisoned, float("nan"))
     return out, lse
+
+
+def _finite(kf: torch.Tensor, vf: torch.Tensor | None) -> bool:
+    """Whether a gathered chunk holds only finite values (one min/max pass each; host sync)."""
+    return all(bool(torch.isfinite(torch.stack(torch.aminmax(x))).all()) for x in (kf, vf) if x is not None and x.numel())
+
+
+def _first_nonfinite(kf: torch.Tensor, vf: torch.Tensor | None, pos: torch.Tensor, none: int) -> torch.Tensor:
+    """``[B, Hkv]``: the first position in ``pos [c]`` whose key or value (``[B, c, Hkv, D]``) is
+    not finite (``none`` where none is); zeroes those values in place, so that masked
+    keys' weight 0 times NaN cannot reach the queries that do not see them."""
+    bad_k = ~torch.isfinite(kf)
+    bad = bad_k.any(dim=-1)  # [B, c, Hkv]
+    kf.masked_fill_(bad_k, 0.0)  # for MLA, V is a view of K: cleaned with it
+    if vf is not None:
+        bad_v = ~torch.isfinite(vf)
+        bad |= bad_v.any(dim=-1)
+        vf.masked_fill_(bad_v, 0.0)
+    return torch.where(bad, pos[None, :, None], none).amin(dim=1)
 
 
 class _Buffers:

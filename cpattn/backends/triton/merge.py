@@ -10,7 +10,8 @@ a stacked ``[N, ..., D]`` tensor and two separate tensors (the 2-way merge) both
 copy; any other list of tensors is stacked once by the host wrapper.
 
 An input whose LSE is ``-inf``, ``+inf`` or NaN gets weight 0 and its ``out`` row is never
-loaded (masked load), so garbage or NaN under an empty LSE cannot leak into the result.
+loaded (masked load), so garbage or NaN under an empty LSE cannot leak into the result; with
+``nan_propagate`` (DCP/PCP's internal strict rule) a NaN or ``+inf`` input LSE makes the row NaN.
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ def _merge_kernel(
     lse_first_ptr, lse_rest_ptr, lse_stride_n, lse_stride_row,
     out_ptr, out_stride_row, out_lse_ptr,
     rows, D, N_REST,
-    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, NAN_PROPAGATE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -64,7 +65,15 @@ def _merge_kernel(
         # Empty rows (total 0) get weight 0 below; dividing (one rounding), not multiplying by a
         # rounded reciprocal, keeps float32 results within 2x of plain PyTorch's error.
         safe_total = tl.where(total > 0, total, float("inf"))
-        tl.store(out_lse_ptr + r64, m + tl.log(total), mask=rm)
+        # strict mode (DCP/PCP partials): an input LSE of NaN or +inf makes the row NaN
+        poison = r_offs < 0
+        if NAN_PROPAGATE:
+            lr = tl.load(lse_first_ptr + lse_row, mask=rm, other=0.0).to(tl.float32)
+            poison = (lr != lr) | (lr == float("inf"))
+            for i in range(0, N_REST):
+                lr = tl.load(lse_rest_ptr + i * lse_stride_n + lse_row, mask=rm, other=0.0).to(tl.float32)
+                poison = poison | (lr != lr) | (lr == float("inf"))
+        tl.store(out_lse_ptr + r64, tl.where(poison, float("nan"), m + tl.log(total)), mask=rm)
         f0 = tl.exp(l0 - m) / safe_total
         # An input of weight 0 (empty, or a padding row) reads nothing: its bound is 0, not D.
         lim0 = tl.where(f0 > 0, D, 0)
@@ -81,6 +90,7 @@ def _merge_kernel(
                 lim = tl.where(fi > 0, D, 0)
                 x = tl.load(rest_rows[:, None] + i * stride_n + d[None, :], mask=d[None, :] < lim[:, None], other=0.0)
                 acc += x.to(tl.float32) * fi[:, None]
+            acc = tl.where(poison[:, None], float("nan"), acc)
             tl.store(dst[:, None] + d[None, :], acc.to(out_ptr.dtype.element_ty), mask=rm[:, None] & (d[None, :] < D))
 
 
@@ -109,7 +119,9 @@ def _as_first_rest(ts: list[torch.Tensor], rows: int, D: int):
     return stacked[0], stacked[1], stacked.stride(0), n - 1, [stacked]
 
 
-def merge(outs: list[torch.Tensor], lses: list[torch.Tensor], out: torch.Tensor, out_lse: torch.Tensor) -> None:
+def merge(outs: list[torch.Tensor], lses: list[torch.Tensor], out: torch.Tensor, out_lse: torch.Tensor,
+          nan_propagate: bool = False) -> None:
+    """The ``merge`` kernel; ``nan_propagate``: the strict rule of DCP/PCP (registry docstring)."""
     D = out.shape[-1]
     rows = out_lse.numel()
     if rows == 0:
@@ -127,6 +139,7 @@ def merge(outs: list[torch.Tensor], lses: list[torch.Tensor], out: torch.Tensor,
         target, target.stride(0) if rows > 1 else 0, lse_target,
         rows, D, n_rest,
         BLOCK_R=block_r, BLOCK_D=min(max(triton.next_power_of_2(max(D, 1)), 16), 128),
+        NAN_PROPAGATE=bool(nan_propagate),
     )
     del keep, keep_l  # the kernel has been launched on the current stream; safe to release
     if not out.is_contiguous():
