@@ -215,7 +215,7 @@ def paged_cases(draw):
     return dict(mla=mla, hkv=hkv, hq=hkv * draw(st.sampled_from([1, 2])), dqk=8, dv=8 if not mla else 4,
                 bs=draw(st.sampled_from([1, 4, 16])), lens=lens, nq=nq, il=1, heads="replicated",
                 dtype=draw(st.sampled_from(["float32", "bfloat16"])), chunk=draw(st.sampled_from([1, 64, 1 << 21])),
-                where=where, seed=draw(st.integers(0, 2**16)))
+                host_checks=draw(st.booleans()), where=where, seed=draw(st.integers(0, 2**16)))
 
 
 @settings(max_examples=examples(40, 1000))
@@ -228,12 +228,13 @@ def test_paged_kernel_nan_matches_oracle(c):
     sh = layout.shard_kv(cs["k"], cs["v"], cs["seq_lens"], world_size=1, block_size=c["bs"], spare_blocks=1,
                          generator=torch.Generator().manual_seed(c["seed"]), fill=NAN)[0]
     pos, _ = layout.query_positions(cs["seq_lens"], cs["qsl"])
-    old, paged._CHUNK_ELEMS = paged._CHUNK_ELEMS, c["chunk"]
+    old = paged._CHUNK_ELEMS, paged.HOST_CHECKS
+    paged._CHUNK_ELEMS, paged.HOST_CHECKS = c["chunk"], c["host_checks"]  # False: the off-CPU path
     try:
         out, lse = paged.paged_attention(cs["q"], sh.k_cache, sh.v_cache, sh.block_table, cs["qsl"], pos + 1,
                                          c["dqk"] ** -0.5, c["dv"], max(c["nq"]), max(c["lens"]))
     finally:
-        paged._CHUNK_ELEMS = old
+        paged._CHUNK_ELEMS, paged.HOST_CHECKS = old
     v = cs["k"][..., :c["dv"]] if c["mla"] else cs["v"]
     kw = dict(cu_seqlens_q=cs["qsl"].long(), cu_seqlens_k=torch.tensor([0] + c["lens"]).cumsum(0), causal=True)
     ro, rl = reference.attention(cs["q"], cs["k"], v, **kw)
@@ -250,12 +251,17 @@ def test_paged_kernel_masked_nan_value_does_not_reach_earlier_query():
     q, k, v = torch.randn(2, 2, 8), torch.randn(6, 2, 8), torch.randn(6, 2, 8)
     sh = layout.shard_kv(k, v, torch.tensor([6]), world_size=1, block_size=8)[0]
     args = (q, sh.k_cache, None, sh.block_table, torch.tensor([0, 2]), torch.tensor([5, 6]), 0.3, 8, 2, 6)
-    clean = paged.paged_attention(*args[:2], sh.v_cache, *args[3:])
     vc = sh.v_cache.clone()
     vc[0, 5, 1, 3] = NAN
-    out, lse = paged.paged_attention(*args[:2], vc, *args[3:])
-    assert torch.equal(out[0], clean[0][0]) and torch.equal(lse[0], clean[1][0])
-    assert torch.isnan(out[1, 1]).all() and torch.isnan(lse[1, 1]) and torch.equal(out[1, 0], clean[0][1, 0])
+    for host_checks in (True, False):
+        paged.HOST_CHECKS = host_checks
+        try:
+            clean = paged.paged_attention(*args[:2], sh.v_cache, *args[3:])
+            out, lse = paged.paged_attention(*args[:2], vc, *args[3:])
+        finally:
+            paged.HOST_CHECKS = True
+        assert torch.equal(out[0], clean[0][0]) and torch.equal(lse[0], clean[1][0])
+        assert torch.isnan(out[1, 1]).all() and torch.isnan(lse[1, 1]) and torch.equal(out[1, 0], clean[0][1, 0])
 
 
 # ------------------------------------------------------------------ DCP and PCP on gloo ranks

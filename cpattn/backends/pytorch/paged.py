@@ -28,11 +28,13 @@ with no visible key gets ``out = 0``, ``lse = -inf``.
 
 NaN and inf are never hidden (:mod:`cpattn.reference`'s rule): a query row that sees a key and
 whose query, or the key or value of a key it sees, holds a NaN or inf comes out NaN (``out`` and
-``lse``), so that DCP's strict merge carries it into the result. On CPU a finite chunk costs one
-min/max pass over its gathered K and V; a chunk that is not finite has its non-finite values
-zeroed (so that a masked key's weight 0 times its NaN value cannot reach a query that does not
-see it) and the first such position per request and KV head is kept: every query whose visible
-prefix reaches it is poisoned. Off CPU every chunk takes that path (no host sync).
+``lse``), so that DCP's strict merge carries it into the result. On CPU the check is nearly free:
+a NaN/inf in a chunk's K makes its raw scores non-finite (query rows are cleaned first; padding
+rows are zeros and 0 * inf is NaN), one in V makes ``p @ V`` non-finite, and both are small next
+to the chunk. Only then is the chunk cleaned (its non-finite values zeroed, so that a masked
+key's weight 0 times NaN cannot reach a query that does not see it) and run again, and the first
+such position per request and KV head is kept: every query whose visible prefix reaches it is
+poisoned. Off CPU every chunk is cleaned that way (no host sync).
 
 No host sync off CPU: the caller passes ``max_query_len`` and ``max_kv_len`` (host ints it
 already has); on CPU, where it is free, ``min(visible_lens)`` is read too so that chunks every
@@ -42,6 +44,9 @@ from __future__ import annotations
 
 import torch
 
+#: Host reads where they are free (CPU). False runs the path used on other devices (no host
+#: sync: every chunk masked and cleaned); tests set it to check that path on CPU.
+HOST_CHECKS = True
 _CHUNK_ELEMS = 1 << 21  # elements per temporary (8 MiB in float32); measured best of 2^18..2^23 on CPU
 
 
@@ -80,14 +85,14 @@ def paged_attention(q, k_cache, v_cache, block_table, query_start_loc, visible_l
     req = torch.repeat_interleave(torch.arange(B, device=dev), qsl[1:] - qsl[:-1], output_size=T)
     slot = torch.arange(T, device=dev) - qsl[:-1][req]
     qp = torch.zeros(B, Qm, Hq, Dqk, dtype=cd, device=dev)
-    qp[req, slot] = q.to(cd) * scale
+    qp[req, slot] = (q.to(cd) * scale).nan_to_num_(0.0, 0.0, 0.0)  # a non-finite query row: NaN at the end
     qp = qp.view(B, Qm, Hkv, G, Dqk).permute(2, 0, 1, 3, 4).reshape(Hkv, B, Qm * G, Dqk)
     vis = torch.zeros(B, Qm, dtype=torch.int64, device=dev)
     vis[req, slot] = visible_lens.to(torch.int64)
     kv_len = vis.amax(dim=1)  # [B]: local keys any query of the request sees
     # Below min(visible) nothing is masked. Known for free on CPU; elsewhere mask every chunk
     # rather than sync with the host.
-    on_cpu = dev.type == "cpu"
+    on_cpu = dev.type == "cpu" and HOST_CHECKS
     no_mask_below = int(visible_lens.min()) if on_cpu else 0
 
     # Chunk of whole blocks, bounded by the largest temporary.
@@ -98,6 +103,7 @@ def paged_attention(q, k_cache, v_cache, block_table, query_start_loc, visible_l
     m = torch.full((Hkv, B, QG), float("-inf"), dtype=cd, device=dev)
     l = torch.zeros_like(m)
     acc = torch.zeros(Hkv, B, QG, Dv, dtype=cd, device=dev)
+    pv = torch.empty_like(acc)  # one chunk's p @ V, checked before it joins acc
     table = block_table.to(torch.int64)
     n_cols = min(-(-max_kv_len // bs), table.shape[1])
     # Buffers reused by every chunk (fresh large allocations cost page faults on each chunk).
@@ -115,23 +121,35 @@ def paged_attention(q, k_cache, v_cache, block_table, query_start_loc, visible_l
         dead = (pos[None, :] >= kv_len[:, None])[:, :, None, None] if masked else None  # [B, c, 1, 1]
         kf = buf.gather(k_cache, ids, "k", B, c, dead)  # [B, c, Hkv, Dqk] compute dtype
         vf = kf[..., :Dv] if v_cache is None else buf.gather(v_cache, ids, "v", B, c, dead)
-        if not on_cpu or not _finite(kf, vf if v_cache is not None else None):
-            first_bad = torch.minimum(first_bad, _first_nonfinite(kf, vf if v_cache is not None else None, pos, no_bad))
+        v_sep = vf if v_cache is not None else None  # for MLA, V is a view of K
+        if not on_cpu:  # no host sync: clean every chunk
+            first_bad = torch.minimum(first_bad, _first_nonfinite(kf, v_sep, pos, no_bad))
         s = buf.scores[: Hkv * B * QG * c].view(Hkv, B, QG, c)
-        for h in range(Hkv):
-            torch.bmm(qp[h], kf[:, :, h].transpose(1, 2), out=s[h])
-        if masked:
-            hidden = pos.view(1, 1, -1) >= vis[:, :, None]  # [B, Qm, c]
-            s.view(Hkv, B, Qm, G, c).masked_fill_(hidden[None, :, :, None, :], float("-inf"))
-        m_new = torch.maximum(m, s.amax(dim=-1))
-        m_safe = m_new.masked_fill(torch.isinf(m_new), 0.0)
-        p = torch.exp_(s.sub_(m_safe[..., None]))
-        alpha = torch.exp(m - m_safe)
-        l.mul_(alpha).add_(p.sum(dim=-1))
-        acc.mul_(alpha[..., None])
-        for h in range(Hkv):
-            acc[h].baddbmm_(p[h], vf[:, :, h])
-        m = m_new
+        for check in ((True, False) if on_cpu else (False,)):
+            # On CPU a NaN/inf in K shows in the raw scores of every query slot (padding slots are
+            # zeros: 0 * inf is NaN) and one in V in p @ V (0 * NaN is NaN): two small checks,
+            # no pass over the chunk. Then, and only then, the chunk is cleaned and run again.
+            for h in range(Hkv):
+                torch.bmm(qp[h], kf[:, :, h].transpose(1, 2), out=s[h])
+            if check and not _finite(s):
+                first_bad = torch.minimum(first_bad, _first_nonfinite(kf, v_sep, pos, no_bad))
+                continue
+            if masked:
+                hidden = pos.view(1, 1, -1) >= vis[:, :, None]  # [B, Qm, c]
+                s.view(Hkv, B, Qm, G, c).masked_fill_(hidden[None, :, :, None, :], float("-inf"))
+            m_new = torch.maximum(m, s.amax(dim=-1))
+            m_safe = m_new.masked_fill(torch.isinf(m_new), 0.0)
+            p = torch.exp_(s.sub_(m_safe[..., None]))
+            for h in range(Hkv):
+                torch.bmm(p[h], vf[:, :, h], out=pv[h])
+            if check and not _finite(pv):
+                first_bad = torch.minimum(first_bad, _first_nonfinite(kf, v_sep, pos, no_bad))
+                continue
+            alpha = torch.exp(m - m_safe)
+            l.mul_(alpha).add_(p.sum(dim=-1))
+            acc.mul_(alpha[..., None]).add_(pv)
+            m = m_new
+            break
 
     seen = l > 0
     o = acc / l.masked_fill(~seen, 1.0)[..., None]
@@ -151,9 +169,9 @@ def paged_attention(q, k_cache, v_cache, block_table, query_start_loc, visible_l
     return out, lse
 
 
-def _finite(kf: torch.Tensor, vf: torch.Tensor | None) -> bool:
-    """Whether a gathered chunk holds only finite values (one min/max pass each; host sync)."""
-    return all(bool(torch.isfinite(torch.stack(torch.aminmax(x))).all()) for x in (kf, vf) if x is not None and x.numel())
+def _finite(x: torch.Tensor) -> bool:
+    """Whether ``x`` holds only finite values (one min/max pass; host sync)."""
+    return x.numel() == 0 or bool(torch.isfinite(torch.stack(torch.aminmax(x))).all())
 
 
 def _first_nonfinite(kf: torch.Tensor, vf: torch.Tensor | None, pos: torch.Tensor, none: int) -> torch.Tensor:
