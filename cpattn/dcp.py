@@ -89,6 +89,10 @@ def dcp_decode_attention(
 
     Reads ``seq_lens``, ``query_start_loc`` and the used block ids on the host (validation and
     chunk bounds), so the op is not CUDA-graph capturable. World size 1: no collective at all.
+
+    NaN/inf: a query row that sees a NaN or inf (in its query, or a live cache entry it sees, on
+    any rank) comes out NaN, ``out`` and ``lse``, on every rank. Forward only: no backward (a
+    backward through the op raises).
     """
     if group is not None and not comm.is_process_group(group):
         raise TypeError(f"{OP}: group must be a torch.distributed ProcessGroup or None; got {type(group).__name__}")

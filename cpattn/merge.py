@@ -2,7 +2,12 @@
 
 LSE convention (see :mod:`cpattn.lse`): ``lse`` is float32, natural log, shaped like ``out``
 without its last dim. ``(0, -inf)`` is the empty state; ``+inf`` or NaN in an input LSE also
-means empty, and the ``out`` rows under it are ignored (even if they hold NaN).
+means empty, and the ``out`` rows under it are ignored (even if they hold NaN). (Inside DCP and
+PCP, cpattn merges its own kernels' partials strictly instead: there a NaN LSE marks a row that
+saw a NaN/inf and stays NaN; see ``nan_propagate`` in :mod:`cpattn.backends.registry`.)
+
+Forward only: no backward. Inputs that require grad are refused (ValueError) while grad mode is
+on; under ``torch.no_grad()``/``torch.inference_mode()`` they are fine.
 """
 from __future__ import annotations
 
@@ -44,8 +49,12 @@ def merge_attn_states(
         ``(0, -inf)``.
 
     Raises:
-        TypeError / ValueError naming the argument for bad shapes, dtypes or devices; nothing is
+        TypeError / ValueError naming the argument for bad shapes, dtypes or devices, for output
+        buffers that overlap an input (other than being that input), each other, or themselves
+        (a stride-0 ``out_lse``), and for inputs that require grad (forward only); nothing is
         written then. :class:`cpattn.BackendError` if the requested backend cannot run it.
+
+    ``meta`` tensors give ``meta`` results of the right shapes and dtypes (shape-only runs).
     """
     return _call("merge_attn_states", [out_a, out_b], [lse_a, lse_b], out, out_lse, backend)
 

@@ -398,3 +398,20 @@ def test_dcp_and_pcp_are_forward_only():
         out.sum().backward()
     with torch.no_grad():
         assert not cpattn.dcp_decode_attention(q, kc, vc, bt, sl, group=None).requires_grad
+
+
+def test_triton_varlen_scale_not_positive_matches_oracle():
+    """The Triton varlen kernel masks after scaling, so a scale <= 0 is right there too (checked
+    under the CPU interpreter; its NaN handling is the Triton kernel's own, tested with it)."""
+    pytest.importorskip("triton")
+    g = torch.Generator().manual_seed(5)
+    q, k, v = torch.randn(9, 2, 16, generator=g), torch.randn(9, 1, 16, generator=g), torch.randn(9, 1, 16, generator=g)
+    cu = torch.tensor([0, 4, 9])
+    for scale in (-0.5, 0.0):
+        out, lse = dispatch("attention", "triton", q=q, k=k, v=v, cu_seqlens_q=cu, cu_seqlens_k=cu, causal=True,
+                            scale=scale)
+        ro, rl = reference.attention(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, causal=True, scale=scale)
+        bo, bl = reference.attention(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, causal=True, scale=scale,
+                                     dtype=torch.float32)
+        assert_close(out, ro, bo, dtype=torch.float32)
+        assert_close(lse, rl, bl, dtype=torch.float32, what="lse")
