@@ -62,3 +62,18 @@ def pcp_poisoned(seed, lens, hq, hkv, dqk, dv, dtype, causal, method, where: dic
     out, lse = cpattn.pcp_ring_prefill(t["q"][i], t["k"][i], t["v"][i], cu, group=None, causal=causal,
                                        method=method, return_lse=True)
     return i, out, lse
+
+
+def pcp_context_poisoned(method: str, poisoned: bool):
+    """PCP with a cached context (2 requests, DCP layout over the group); with ``poisoned`` the
+    cached value of request 0's token 3, KV head 0, is NaN. Returns ``(index, out, lse)``."""
+    lens, ctx_lens = [20, 9], [17, 6]
+    q, k, v, cu, kc, vc = pcp_ranks.make_context_batch(3, lens, ctx_lens, 4, 2, 16, 16, torch.float32)
+    if poisoned:
+        vc = vc.clone()
+        vc[3, 0, 5] = float("nan")
+    sh = layout.shard_kv(kc, vc, torch.tensor(ctx_lens), world_size=G.WORLD, block_size=4, interleave=1)[G.RANK]
+    ctx = cpattn.PcpContext(sh.k_cache, sh.v_cache, sh.block_table, torch.tensor(ctx_lens), 1)
+    i = cpattn.pcp_partition(cu, G.WORLD, G.RANK).index
+    out, lse = cpattn.pcp_ring_prefill(q[i], k[i], v[i], cu, group=None, method=method, return_lse=True, context=ctx)
+    return i, out, lse

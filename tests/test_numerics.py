@@ -415,3 +415,19 @@ def test_triton_varlen_scale_not_positive_matches_oracle():
                                      dtype=torch.float32)
         assert_close(out, ro, bo, dtype=torch.float32)
         assert_close(lse, rl, bl, dtype=torch.float32, what="lse")
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("method", ["ring", "allgather"])
+def test_pcp_nan_in_cached_context_gives_nan_rows(gloo, method):
+    """Every prompt token of request 0 sees its whole cached context: a NaN cached value there
+    makes exactly request 0's rows of KV head 0's query heads NaN; request 1 is unaffected."""
+    clean = gloo(2).run(NR.pcp_context_poisoned, method, False)
+    res = gloo(2).run(NR.pcp_context_poisoned, method, True)
+    for (i, out, lse), (_, c_out, c_lse) in zip(res, clean):
+        want = torch.zeros(lse.shape, dtype=torch.bool)
+        want[i < 20, :2] = True  # request 0: global rows 0..19; KV head 0: query heads 0, 1
+        assert torch.equal(torch.isnan(lse), want) and torch.equal(torch.isnan(out).all(dim=-1), want)
+        assert not torch.isnan(out[~want]).any()
+        torch.testing.assert_close(out[~want], c_out[~want], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(lse[~want], c_lse[~want], rtol=1e-6, atol=1e-6)

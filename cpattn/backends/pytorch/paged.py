@@ -77,7 +77,8 @@ def paged_attention(q, k_cache, v_cache, block_table, query_start_loc, visible_l
     lse = torch.full((T, Hq), float("-inf"), dtype=_lse_dtype(q.dtype), device=dev)
     if T == 0 or B == 0 or NB == 0 or max_kv_len <= 0:
         return out, lse
-    q_bad = ~torch.isfinite(q).all(dim=-1)  # [T, Hq]: poisoned queries (if they see any key)
+    qs = q.to(cd) * scale
+    q_bad = ~torch.isfinite(qs).all(dim=-1)  # [T, Hq]: poisoned queries (if they see any key), overflow included
 
     # Pad queries per request: token t -> (request b, slot j). Query rows are laid out
     # [Hkv, B, Qm * G, D] so that each KV head's scores are one contiguous bmm output.
@@ -85,7 +86,7 @@ def paged_attention(q, k_cache, v_cache, block_table, query_start_loc, visible_l
     req = torch.repeat_interleave(torch.arange(B, device=dev), qsl[1:] - qsl[:-1], output_size=T)
     slot = torch.arange(T, device=dev) - qsl[:-1][req]
     qp = torch.zeros(B, Qm, Hq, Dqk, dtype=cd, device=dev)
-    qp[req, slot] = (q.to(cd) * scale).nan_to_num_(0.0, 0.0, 0.0)  # a non-finite query row: NaN at the end
+    qp[req, slot] = qs.nan_to_num_(0.0, 0.0, 0.0)  # a non-finite query row: NaN at the end
     qp = qp.view(B, Qm, Hkv, G, Dqk).permute(2, 0, 1, 3, 4).reshape(Hkv, B, Qm * G, Dqk)
     vis = torch.zeros(B, Qm, dtype=torch.int64, device=dev)
     vis[req, slot] = visible_lens.to(torch.int64)
