@@ -14,7 +14,13 @@ Public ops (also registered as ``torch.ops.cpattn.<name>``):
   ``ContextParallelLM``, PCP prefill + DCP decode for Hugging Face models.
 
 LSE contract (:mod:`cpattn.lse`): float32, natural log, shaped like ``out`` without its last
-dim; ``(0, -inf)`` is the empty state; ``+inf``/NaN input LSEs are treated as empty.
+dim; ``(0, -inf)`` is the empty state; ``+inf``/NaN input LSEs are treated as empty. A row that
+sees a NaN or inf (in its query, or a key or value it sees) comes out NaN, ``out`` and ``lse``
+(docs/reliability.md).
+
+Forward only: no op has a backward (autograd formula). The eager merges refuse inputs that
+require grad while grad mode is on; a backward through a ``torch.ops.cpattn`` op raises. Inference
+(serving) only, until backward kernels exist.
 """
 from . import _library  # noqa: F401  (registers torch.ops.cpattn.*)
 from . import lse, reference

@@ -74,6 +74,18 @@ def out_tensor(op: str, name: str, x, *, shape, dtype: torch.dtype, device: torc
     return x
 
 
+def forward_only(op: str, named: dict[str, torch.Tensor]) -> None:
+    """cpattn's ops have no backward: refuse inputs that require grad while grad mode is on,
+    rather than fail inside a kernel or hand back outputs that autograd cannot differentiate."""
+    if not torch.is_grad_enabled():
+        return
+    for name, t in named.items():
+        if isinstance(t, torch.Tensor) and t.requires_grad:
+            raise ValueError(f"{op}: {name} requires grad, but cpattn's ops are forward-only (no backward is "
+                             f"implemented); pass detached tensors or call under torch.no_grad() / "
+                             f"torch.inference_mode()")
+
+
 def positive_int(op: str, name: str, x, *, allow_zero: bool = False) -> int:
     if isinstance(x, bool) or not isinstance(x, int):
         raise TypeError(f"{op}: {name} must be an int; got {type(x).__name__}")

@@ -89,6 +89,10 @@ def dcp_decode_attention(
     the agreement), so the op is not CUDA-graph capturable: a serving loop uses
     :class:`cpattn.DcpDecodePlan` (this op is one built, planned and run for a single call).
     World size 1: no collective at all.
+
+    NaN/inf: a query row that sees a NaN or inf (in its query, or a live cache entry it sees, on
+    any rank) comes out NaN, ``out`` and ``lse``, on every rank. Forward only: no backward (a
+    backward through the op raises).
     """
     args = (q, k_cache, v_cache, block_table, seq_lens, query_start_loc, group, interleave, scale, v_head_dim, heads,
             combine, return_lse, backend)

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import torch
 
 from . import comm
-from .backends import Backend, dispatch
+from .backends import Backend, select
 from .backends.pytorch.merge import merge as wide_merge
 from .backends.pytorch.merge import merge_weights  # the merge's own weights: lse_reduce rescales exactly as it
 
@@ -170,15 +170,16 @@ def _numel(shape) -> int:
 
 def _merge(outs, lses, backend):
     """N-way merge into a new ``(out, float32 lse)``: float32 partial LSEs on the requested merge
-    kernel; float64 ones (float32 queries) on the PyTorch kernel, the one that merges in float64."""
+    kernel; float64 ones (float32 queries) on the PyTorch kernel, the one that merges in float64.
+    Strict (``nan_propagate``): a partial poisoned by NaN/inf (NaN LSE) makes the row NaN."""
     out = torch.empty(outs[0].shape, dtype=outs[0].dtype, device=outs[0].device)
     lse = torch.empty(outs[0].shape[:-1], dtype=lses[0].dtype, device=outs[0].device)
+    inputs = dict(outs=list(outs), lses=list(lses), out=out, out_lse=lse)
     if lses[0].dtype == torch.float64:
-        wide_merge(list(outs), list(lses), out, lse)
-    elif isinstance(backend, Backend):
-        backend.run("merge", outs=list(outs), lses=list(lses), out=out, out_lse=lse)
+        wide_merge(**inputs, nan_propagate=True)
     else:
-        dispatch("merge", backend, outs=list(outs), lses=list(lses), out=out, out_lse=lse)
+        be = backend if isinstance(backend, Backend) else select("merge", backend, inputs)
+        be.run("merge", **inputs, nan_propagate=True)
     return out, lse.float()
 
 
@@ -212,7 +213,7 @@ def combine(out: torch.Tensor, lse: torch.Tensor, *, strategy: str, heads: str, 
     if strategy == "lse_reduce":
         _note("combine", "all_gather", lse, n)
         lses = comm.all_gather(lse.contiguous(), group)  # [N, T, H]
-        frac, lse_all = merge_weights(list(lses.unbind(0)))
+        frac, lse_all = merge_weights(list(lses.unbind(0)), nan_propagate=True)  # NaN weights: never masked
         w = frac[r]
         scaled = out.to(pd).mul_(w[..., None]).masked_fill_((w <= 0)[..., None], 0.0)  # empty rows: 0, never NaN
         if heads == "replicated":

@@ -19,6 +19,12 @@ exactly the first ``local_len(P + 1, r)`` local keys.
 
 ``block_size % interleave == 0`` is required, so that a run of ``I`` tokens never straddles two
 blocks (with ``I == block_size`` whole blocks live on one rank and can be moved as they are).
+
+Input checks: positions, lengths and indices must be integer tensors (TypeError otherwise) and
+``>= 0``; every function raises a ValueError naming the argument for a negative value, a
+request index or block column outside the block table, and the like. Values are checked on CPU
+tensors (free there); on an accelerator such a check would cost a host sync, so values there
+are the caller's responsibility (types, dims and shapes are still checked).
 """
 from __future__ import annotations
 
@@ -49,6 +55,23 @@ def _pos_int(name: str, x) -> int:
     return x
 
 
+def _index(name: str, x, *, dim: int | None = None, fn: str = "layout") -> torch.Tensor:
+    """An integer tensor of values ``>= 0`` (values checked on CPU only: no host sync)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{fn}: {name} must be an integer torch.Tensor; got {type(x).__name__}")
+    if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
+        raise TypeError(f"{fn}: {name} must have an integer dtype (int32/int64); got {x.dtype}")
+    if dim is not None and x.dim() != dim:
+        raise ValueError(f"{fn}: {name} must have {dim} dim(s); got shape {tuple(x.shape)}")
+    if x.device.type == "cpu" and x.numel() and int(x.min()) < 0:
+        raise ValueError(f"{fn}: {name} must be >= 0; got {int(x.min())}")
+    return x
+
+
+def _cpu(x: torch.Tensor) -> bool:
+    return x.device.type == "cpu"
+
+
 def check_layout(world_size: int, interleave: int, block_size: int | None = None, rank: int | None = None) -> None:
     """Validate layout parameters: positive ints, ``0 <= rank < world_size``,
     ``block_size % interleave == 0``. Raises TypeError/ValueError naming the argument."""
@@ -72,6 +95,7 @@ def owner_rank(positions: torch.Tensor, world_size: int, interleave: int = 1) ->
     """Rank holding each global position: ``(p // I) % N``. ``positions`` int tensor (>= 0);
     returns the same shape and dtype."""
     check_layout(world_size, interleave)
+    _index("positions", positions, fn="owner_rank")
     return torch.div(positions, interleave, rounding_mode="floor") % world_size
 
 
@@ -79,6 +103,7 @@ def local_position(positions: torch.Tensor, world_size: int, interleave: int = 1
     """Position of each global token in its owner's local sequence:
     ``(p // (N*I)) * I + p % I``. Same shape and dtype as ``positions``."""
     check_layout(world_size, interleave)
+    _index("positions", positions, fn="local_position")
     return torch.div(positions, world_size * interleave, rounding_mode="floor") * interleave + positions % interleave
 
 
@@ -89,6 +114,7 @@ def dcp_local_seq_lens(seq_lens: torch.Tensor, world_size: int, rank: int, inter
     shape and dtype of ``seq_lens``. Summed over ranks the local lengths give ``seq_lens``.
     """
     check_layout(world_size, interleave, rank=rank)
+    _index("seq_lens", seq_lens, fn="dcp_local_seq_lens")
     base = torch.div(seq_lens, world_size * interleave, rounding_mode="floor") * interleave
     rem = seq_lens - base * world_size - rank * interleave
     return base + rem.clamp(0, interleave)
@@ -98,6 +124,7 @@ def dcp_local_seq_lens_all(seq_lens: torch.Tensor, world_size: int, interleave: 
     """Local lengths on every rank at once: ``[world_size, *seq_lens.shape]``, dtype of
     ``seq_lens``; row ``r`` equals ``dcp_local_seq_lens(seq_lens, world_size, r, interleave)``."""
     check_layout(world_size, interleave)
+    _index("seq_lens", seq_lens, fn="dcp_local_seq_lens_all")
     ranks = torch.arange(world_size, dtype=seq_lens.dtype, device=seq_lens.device)
     ranks = ranks.view(world_size, *([1] * seq_lens.dim()))
     base = torch.div(seq_lens, world_size * interleave, rounding_mode="floor") * interleave
@@ -113,14 +140,37 @@ def query_positions(
     Request ``b`` has ``n_b`` query tokens (from ``query_start_loc [B+1]``; None: one each) and
     they are its last ``n_b`` tokens, at ``seq_lens[b] - n_b .. seq_lens[b] - 1``. Returns
     ``(positions [T], req_indices [T])``, both int64. Pass ``num_tokens`` (``T``) to avoid a
-    host sync.
+    host sync. Requests need ``n_b <= seq_lens[b]`` (at least one token, the query itself, when
+    ``query_start_loc`` is None).
     """
+    fn = "query_positions"
+    _index("seq_lens", seq_lens, dim=1, fn=fn)
+    if num_tokens is not None and (isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 0):
+        raise (TypeError if not isinstance(num_tokens, int) or isinstance(num_tokens, bool) else ValueError)(
+            f"{fn}: num_tokens must be an int >= 0 or None; got {num_tokens!r}")
     lens = seq_lens.to(torch.int64)
     B = lens.shape[0]
     if query_start_loc is None:
+        if _cpu(lens) and B and int(lens.min()) < 1:
+            raise ValueError(f"{fn}: with one query per request every seq_lens entry must be >= 1; got {int(lens.min())}")
+        if num_tokens is not None and num_tokens != B:
+            raise ValueError(f"{fn}: num_tokens ({num_tokens}) must equal the number of requests ({B}) without "
+                             f"query_start_loc")
         return lens - 1, torch.arange(B, device=lens.device)
+    _index("query_start_loc", query_start_loc, dim=1, fn=fn)
+    if query_start_loc.shape[0] != B + 1:
+        raise ValueError(f"{fn}: query_start_loc must be [B+1] = [{B + 1}]; got {tuple(query_start_loc.shape)}")
     qsl = query_start_loc.to(torch.int64)
     n = qsl[1:] - qsl[:-1]
+    if _cpu(qsl):
+        if int(qsl[0]) != 0 or (B and int(n.min()) < 0):
+            raise ValueError(f"{fn}: query_start_loc must start at 0 and never decrease; got {qsl.tolist()[:16]}")
+        if num_tokens is not None and num_tokens != int(qsl[-1]):
+            raise ValueError(f"{fn}: num_tokens ({num_tokens}) must equal query_start_loc[-1] ({int(qsl[-1])})")
+        if _cpu(lens) and B and bool((n > lens).any()):
+            b = int(torch.nonzero(n > lens)[0])
+            raise ValueError(f"{fn}: request {b} has {int(n[b])} query tokens but seq_lens[{b}] = {int(lens[b])}; "
+                             f"the query tokens are the last tokens of the request")
     req = torch.repeat_interleave(torch.arange(B, device=lens.device), n, output_size=num_tokens)
     j = torch.arange(req.shape[0], device=lens.device) - qsl[:-1][req]
     return lens[req] - n[req] + j, req
@@ -144,10 +194,23 @@ def slot_mapping(
     (``k_cache.view(-1, ...)``) for tokens this rank owns, ``-1`` for the others.
     """
     check_layout(world_size, interleave, block_size, rank)
+    fn = "slot_mapping"
+    _index("positions", positions, dim=1, fn=fn)
+    _index("req_indices", req_indices, dim=1, fn=fn)
+    _index("block_table", block_table, dim=2, fn=fn)
+    if req_indices.shape != positions.shape:
+        raise ValueError(f"{fn}: req_indices must have the shape of positions {tuple(positions.shape)}; "
+                         f"got {tuple(req_indices.shape)}")
     pos = positions.to(torch.int64)
     mine = owner_rank(pos, world_size, interleave) == rank
     lp = local_position(pos, world_size, interleave)
     col = torch.where(mine, torch.div(lp, block_size, rounding_mode="floor"), torch.zeros_like(lp))
+    if _cpu(req_indices) and req_indices.numel() and int(req_indices.max()) >= block_table.shape[0]:
+        raise ValueError(f"{fn}: req_indices refers to request {int(req_indices.max())} but block_table has "
+                         f"{block_table.shape[0]} rows")
+    if _cpu(col) and col.numel() and int(col.max()) >= block_table.shape[1]:
+        raise ValueError(f"{fn}: a position owned by rank {rank} needs block column {int(col.max())} but "
+                         f"block_table has {block_table.shape[1]} columns (positions beyond the block table)")
     blocks = block_table.to(torch.int64)[req_indices.to(torch.int64), col]
     slots = blocks * block_size + lp % block_size
     return torch.where(mine, slots, torch.full_like(slots, -1))
@@ -218,7 +281,16 @@ def shard_kv(
     Reads ``seq_lens`` on the host.
     """
     check_layout(world_size, interleave, block_size)
+    fn = "shard_kv"
+    _index("seq_lens", seq_lens, dim=1, fn=fn)
+    if not isinstance(k, torch.Tensor) or (v is not None and not isinstance(v, torch.Tensor)):
+        bad = k if not isinstance(k, torch.Tensor) else v
+        raise TypeError(f"{fn}: k (and v unless None) must be torch.Tensor; got {type(bad).__name__}")
+    if isinstance(spare_blocks, bool) or not isinstance(spare_blocks, int) or spare_blocks < 0:
+        raise ValueError(f"{fn}: spare_blocks must be an int >= 0; got {spare_blocks!r}")
     lens = [int(x) for x in seq_lens.tolist()]
+    if any(x < 0 for x in lens):  # seq_lens off CPU: read on the host here anyway
+        raise ValueError(f"{fn}: seq_lens must be >= 0; got {min(lens)}")
     if k.dim() != 3 or k.shape[0] != sum(lens):
         raise ValueError(f"layout: k must be [sum(seq_lens)={sum(lens)}, Hkv, Dqk]; got {tuple(k.shape)}")
     if v is not None and (v.dim() != 3 or v.shape[0] != k.shape[0]):
@@ -279,13 +351,32 @@ def shard_paged_cache(
     ``v_cache`` alike (or None), ``block_table [B, max_blocks]``, ``seq_lens [B]`` global
     lengths. The per-rank caches use ``block_size`` (default: the source's ``bs``); other
     keyword arguments as in :func:`shard_kv`. Reads ``seq_lens`` on the host."""
+    fn = "shard_paged_cache"
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if t is None and name == "v_cache":
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{fn}: {name} must be a torch.Tensor; got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{fn}: {name} must be [num_blocks, block_size, Hkv, D]; got shape {tuple(t.shape)}")
+    _index("block_table", block_table, dim=2, fn=fn)
+    _index("seq_lens", seq_lens, dim=1, fn=fn)
+    if block_table.shape[0] != seq_lens.shape[0]:
+        raise ValueError(f"{fn}: block_table must have one row per request ({seq_lens.shape[0]}); "
+                         f"got {tuple(block_table.shape)}")
     bs = k_cache.shape[1]
     lens = seq_lens.to(torch.int64).cpu()
+    if lens.numel() and int(lens.min()) < 0:
+        raise ValueError(f"{fn}: seq_lens must be >= 0; got {int(lens.min())}")
     pieces_k, pieces_v = [], []
     for b, ln in enumerate(lens.tolist()):
         p = torch.arange(ln)
         if ln > block_table.shape[1] * bs:
             raise ValueError(f"layout: seq_lens[{b}]={ln} exceeds block_table capacity {block_table.shape[1] * bs}")
+        ids = block_table[b].to(torch.int64).cpu()[: -(-ln // bs)]
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= k_cache.shape[0]):
+            raise ValueError(f"{fn}: block_table[{b}] refers to block {int(ids.max()) if int(ids.min()) >= 0 else int(ids.min())}, "
+                             f"outside k_cache's {k_cache.shape[0]} blocks")
         slots = block_table[b].to(torch.int64).cpu()[p // bs] * bs + p % bs
         pieces_k.append(k_cache.reshape(-1, *k_cache.shape[2:])[slots.to(k_cache.device)])
         if v_cache is not None:

@@ -2,7 +2,12 @@
 
 LSE convention (see :mod:`cpattn.lse`): ``lse`` is float32, natural log, shaped like ``out``
 without its last dim. ``(0, -inf)`` is the empty state; ``+inf`` or NaN in an input LSE also
-means empty, and the ``out`` rows under it are ignored (even if they hold NaN).
+means empty, and the ``out`` rows under it are ignored (even if they hold NaN). (Inside DCP and
+PCP, cpattn merges its own kernels' partials strictly instead: there a NaN LSE marks a row that
+saw a NaN/inf and stays NaN; see ``nan_propagate`` in :mod:`cpattn.backends.registry`.)
+
+Forward only: no backward. Inputs that require grad are refused (ValueError) while grad mode is
+on; under ``torch.no_grad()``/``torch.inference_mode()`` they are fine.
 """
 from __future__ import annotations
 
@@ -44,8 +49,12 @@ def merge_attn_states(
         ``(0, -inf)``.
 
     Raises:
-        TypeError / ValueError naming the argument for bad shapes, dtypes or devices; nothing is
+        TypeError / ValueError naming the argument for bad shapes, dtypes or devices, for output
+        buffers that overlap an input (other than being that input), each other, or themselves
+        (a stride-0 ``out_lse``), and for inputs that require grad (forward only); nothing is
         written then. :class:`cpattn.BackendError` if the requested backend cannot run it.
+
+    ``meta`` tensors give ``meta`` results of the right shapes and dtypes (shape-only runs).
     """
     return _call("merge_attn_states", [out_a, out_b], [lse_a, lse_b], out, out_lse, backend)
 
@@ -123,6 +132,7 @@ def validate(op: str, outs: list, lses: list, out=None, out_lse=None) -> None:
     for n, l in zip(l_names, lses):
         V.lse_tensor(op, n, l, outs[0].shape[:-1])
     V.same_device(op, dict(zip(o_names + l_names, list(outs) + list(lses))))
+    V.forward_only(op, dict(zip(o_names + l_names, list(outs) + list(lses))))
     if out is not None:
         V.out_tensor(op, "out", out, shape=outs[0].shape, dtype=outs[0].dtype, device=outs[0].device)
     if out_lse is not None:
@@ -135,13 +145,44 @@ def _span(t: torch.Tensor) -> tuple[int, int]:
     return t.data_ptr(), t.data_ptr() + extent * t.element_size()
 
 
+def _has_memory(t: torch.Tensor) -> bool:
+    """Meta tensors (shape-only runs) have no storage: nothing can overlap there."""
+    return t.numel() > 0 and t.device.type != "meta"
+
+
+def _self_overlaps(t: torch.Tensor) -> bool:
+    """Whether two elements of ``t`` may share memory (a stride-0 dim from ``expand()``, or
+    strides that interleave). Conservative: a layout whose freedom from overlap is not evident
+    from sorted strides counts as overlapping (output buffers are plain in practice)."""
+    extent = 0  # elements spanned by the dims already seen, minus one
+    for n, st in sorted(((n, st) for n, st in zip(t.shape, t.stride()) if n > 1), key=lambda d: d[1]):
+        if st <= extent:
+            return True
+        extent += (n - 1) * st
+    return False
+
+
+def check_outputs(op: str, out: torch.Tensor, out_lse: torch.Tensor) -> None:
+    """Output buffers must not overlap themselves or each other: the kernel would write one
+    element twice (a corrupt result) or fail half-way, after part of the result was written."""
+    for name, t in (("out", out), ("out_lse", out_lse)):
+        if _has_memory(t) and _self_overlaps(t):
+            raise ValueError(f"{op}: {name} has elements that share memory (e.g. a stride-0 dim from expand()); "
+                             f"pass a buffer whose elements are distinct")
+    if _has_memory(out) and _has_memory(out_lse) and out.device == out_lse.device:
+        lo, hi = _span(out)
+        llo, lhi = _span(out_lse)
+        if llo < hi and lo < lhi:
+            raise ValueError(f"{op}: out_lse shares memory with out (their byte ranges overlap); pass separate buffers")
+
+
 def check_aliasing(op: str, inputs: list[torch.Tensor], buf: torch.Tensor, name: str) -> None:
     """``buf`` may be exactly one of the inputs (in-place) or share no memory with any of them."""
-    if buf.numel() == 0:
+    if not _has_memory(buf):
         return
     lo, hi = _span(buf)
     for x in inputs:
-        if x.numel() == 0 or x.device != buf.device:
+        if not _has_memory(x) or x.device != buf.device:
             continue
         xlo, xhi = _span(x)
         if xlo < hi and lo < xhi:
@@ -169,6 +210,7 @@ def run(op: str, outs: list, lses: list, out, out_lse, backend) -> None:
 
 
 def _run_checked(op: str, outs: list, lses: list, out, out_lse, backend) -> None:
+    check_outputs(op, out, out_lse)
     check_aliasing(op, list(outs) + list(lses), out, "out")
     check_aliasing(op, list(outs) + list(lses), out_lse, "out_lse")
     dispatch("merge", backend, outs=list(outs), lses=list(lses), out=out, out_lse=out_lse)

@@ -75,8 +75,24 @@ def check_cu_seqlens(op: str, cu_seqlens) -> tuple[int, ...]:
     return vals
 
 
+def _check_world_rank(fn: str, world_size, rank) -> None:
+    for name, x in (("world_size", world_size), ("rank", rank)):
+        if isinstance(x, bool) or not isinstance(x, int):
+            raise TypeError(f"{fn}: {name} must be an int; got {type(x).__name__}")
+    if world_size < 1:
+        raise ValueError(f"{fn}: world_size must be >= 1; got {world_size}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"{fn}: rank must be in [0, {world_size}); got {rank}")
+
+
 def pcp_chunk_bounds(length: int, world_size: int, rank: int) -> tuple[tuple[int, int], tuple[int, int]]:
-    """The head and tail position ranges that ``rank`` holds of a sequence of ``length`` tokens."""
+    """The head and tail position ranges that ``rank`` holds of a sequence of ``length`` tokens
+    (``length`` an int >= 0, ``0 <= rank < world_size``; TypeError/ValueError otherwise)."""
+    if isinstance(length, bool) or not isinstance(length, int):
+        raise TypeError(f"pcp_chunk_bounds: length must be an int; got {type(length).__name__}")
+    if length < 0:
+        raise ValueError(f"pcp_chunk_bounds: length must be >= 0; got {length}")
+    _check_world_rank("pcp_chunk_bounds", world_size, rank)
     two_n = 2 * world_size
 
     def bound(c: int) -> int:
@@ -101,13 +117,7 @@ def pcp_partition(cu_seqlens, world_size: int, rank: int) -> PcpPartition:
         expects.
     """
     vals = check_cu_seqlens("pcp_partition", cu_seqlens)
-    for name, x in (("world_size", world_size), ("rank", rank)):
-        if isinstance(x, bool) or not isinstance(x, int):
-            raise TypeError(f"pcp_partition: {name} must be an int; got {type(x).__name__}")
-    if world_size < 1:
-        raise ValueError(f"pcp_partition: world_size must be >= 1; got {world_size}")
-    if not 0 <= rank < world_size:
-        raise ValueError(f"pcp_partition: rank must be in [0, {world_size}); got {rank}")
+    _check_world_rank("pcp_partition", world_size, rank)
     part = _partition(vals, world_size, rank)
     # the cached object is shared inside cpattn; hand the caller tensors of its own
     return replace(part, index=part.index.clone(), positions=part.positions.clone(),
@@ -163,6 +173,13 @@ def pcp_restore(per_rank: Sequence[torch.Tensor], cu_seqlens, world_size: int | 
     ``world_size`` defaults to ``len(per_rank)``.
     """
     vals = check_cu_seqlens("pcp_restore", cu_seqlens)
+    if not isinstance(per_rank, (list, tuple)) or not all(isinstance(t, torch.Tensor) for t in per_rank):
+        bad = per_rank if not isinstance(per_rank, (list, tuple)) else next(t for t in per_rank if not isinstance(t, torch.Tensor))
+        raise TypeError(f"pcp_restore: per_rank must be a list of tensors (one per rank); got {type(bad).__name__}")
+    if world_size is not None and (isinstance(world_size, bool) or not isinstance(world_size, int)):
+        raise TypeError(f"pcp_restore: world_size must be an int or None; got {type(world_size).__name__}")
+    if any(t.dim() < 1 for t in per_rank):
+        raise ValueError("pcp_restore: per_rank tensors must be [Tr, ...] (at least 1 dim)")
     n = len(per_rank) if world_size is None else world_size
     if n != len(per_rank) or n < 1:
         raise ValueError(f"pcp_restore: need one tensor per rank ({n}); got {len(per_rank)}")

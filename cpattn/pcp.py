@@ -82,6 +82,10 @@ def pcp_ring_prefill(
         counts that do not match this rank's share (for example a batch partitioned for another
         group size) are refused the same way. Nothing is written; no collective is left waiting.
         :class:`cpattn.BackendError` (on every rank) when the requested backend cannot run it.
+
+    NaN/inf: a row that sees a NaN or inf (its query, or a key or value it sees, cached context
+    included) comes out NaN, ``out`` and ``lse``. Any finite ``scale`` works, ``<= 0`` included.
+    Forward only: no backward (a backward through the op raises).
     """
     try:
         if group is not None and not comm.is_process_group(group):

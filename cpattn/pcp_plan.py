@@ -105,7 +105,8 @@ def execute(step: PcpStep, q, k, v, *, group, causal: bool, scale: float, backen
     if ctx_part is None:
         return out, lse
     merged, merged_lse = empty_outputs(q, v)  # float32 weights and accumulation, one rounding
-    dispatch("merge", backend, outs=[out, ctx_part[0]], lses=[lse, ctx_part[1]], out=merged, out_lse=merged_lse)
+    inputs = dict(outs=[out, ctx_part[0]], lses=[lse, ctx_part[1]], out=merged, out_lse=merged_lse)
+    select("merge", backend, inputs).run("merge", **inputs, nan_propagate=True)  # strict: NaN partials stay NaN
     return merged, merged_lse
 
 

@@ -6,6 +6,12 @@ can measure the error of any backend against them.
 
 LSE convention (see :mod:`cpattn.lse`): natural log, token-major, ``-inf`` for a row that sees
 no key (with ``out = 0`` there); input LSEs of ``+inf`` or NaN are empty.
+
+NaN and inf inputs are never hidden: a row whose query, or the key or value of a key it sees,
+holds a NaN or an inf comes out as NaN (every ``out`` element and the ``lse``): wherever plain
+float64 softmax attention gives a NaN or an inf, this says NaN (and also where plain softmax
+would quietly drop a key whose score an inf turned into ``-inf``). Keys a row does not see
+(masked by causality, or in another sequence) cannot affect it, whatever they hold.
 """
 from __future__ import annotations
 
@@ -49,7 +55,9 @@ def attention(
     ``k_positions [Tk]`` override them.
 
     Returns ``out [Tq, Hq, Dv]`` and ``lse [Tq, Hq]``, both float64. A query that sees no key gets
-    ``out = 0`` and ``lse = -inf``.
+    ``out = 0`` and ``lse = -inf``. A query row that sees a key and whose ``q`` row, or the ``k``
+    or ``v`` row of a key it sees, holds a NaN or inf is *poisoned*: its ``out`` and ``lse`` are
+    NaN (see the module docstring).
 
     ``dtype`` runs the same math at another precision; tests use it (float32, bfloat16, ...) as
     the "plain PyTorch at the same precision" baseline that sets their tolerances.
@@ -69,22 +77,34 @@ def attention(
         qs = q[q0:q1].to(dtype)
         ks = k[k0:k1].to(dtype).repeat_interleave(group, dim=1)  # [Lk, Hq, D]
         vs = v[k0:k1].to(dtype).repeat_interleave(group, dim=1)  # [Lk, Hq, Dv]
-        s = torch.einsum("qhd,khd->hqk", qs, ks) * scale  # [Hq, Lq, Lk]
+        lq, lk = q1 - q0, k1 - k0
+        visible = torch.ones(lq, lk, dtype=torch.bool)  # [Lq, Lk]
         if causal:
-            lq, lk = q1 - q0, k1 - k0
             pq = (torch.arange(lq) + (lk - lq)) if q_positions is None else q_positions[q0:q1]
             pk = torch.arange(lk) if k_positions is None else k_positions[k0:k1]
-            visible = pk.cpu()[None, :] <= pq.cpu()[:, None]  # [Lq, Lk]
-            s = s.masked_fill(~visible.to(s.device), NEG_INF)
+            visible = pk.cpu()[None, :] <= pq.cpu()[:, None]
+        visible = visible.to(q.device)
+        # Poisoned rows: a NaN/inf in the query row, or in the key or value of a key the row sees.
+        q_bad = ~torch.isfinite(qs).all(dim=-1)  # [Lq, Hq]
+        kv_bad = ~(torch.isfinite(ks).all(dim=-1) & torch.isfinite(vs).all(dim=-1))  # [Lk, Hq]
+        sees_bad = (visible.float() @ kv_bad.float()) > 0  # [Lq, Hq]
+        poisoned = visible.any(dim=-1)[:, None] & (q_bad | sees_bad)
+        # The other rows are computed on inputs whose non-finite values are zeroed: they never see
+        # those values, but 0 * NaN (a masked key's weight times its value) would still be NaN.
+        qs, ks, vs = (x.nan_to_num(0.0, 0.0, 0.0) for x in (qs, ks, vs))
+        s = torch.einsum("qhd,khd->hqk", qs, ks) * scale  # [Hq, Lq, Lk]
+        s = s.masked_fill(~visible, NEG_INF)
         row_lse = torch.logsumexp(s, dim=-1)  # [Hq, Lq]; -inf where nothing is visible
         p = torch.exp(s - row_lse[..., None]).nan_to_num(0.0)  # rows with no key: 0
-        out[q0:q1] = torch.einsum("hqk,khd->qhd", p, vs)
-        lse[q0:q1] = row_lse.transpose(0, 1)
+        o = torch.einsum("hqk,khd->qhd", p, vs)
+        out[q0:q1] = o.masked_fill(poisoned[..., None], math.nan)
+        lse[q0:q1] = row_lse.transpose(0, 1).masked_fill(poisoned, math.nan)
     return out, lse
 
 
 def merge_n(
-    outs: Sequence[torch.Tensor], lses: Sequence[torch.Tensor], *, dtype: torch.dtype = torch.float64
+    outs: Sequence[torch.Tensor], lses: Sequence[torch.Tensor], *, dtype: torch.dtype = torch.float64,
+    nan_propagate: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact merge of partial results over disjoint key sets, in float64.
 
@@ -92,12 +112,18 @@ def merge_n(
     ``out`` rows are ignored. Returns float64 ``(out [..., D], lse [...])``; all-empty rows give
     ``(0, -inf)``.
 
+    ``nan_propagate=True`` is the strict rule cpattn uses inside DCP and PCP, where partials come
+    from its own kernels (which mark a poisoned row with a NaN LSE): an input LSE of NaN or
+    ``+inf`` then makes the merged row NaN (``out`` and ``lse``) instead of counting as empty.
+
     ``dtype`` runs the ``out`` math at another precision (LSE math then runs in float32 at least):
     the same-precision baseline for tests.
     """
     lse_dtype = torch.promote_types(dtype, torch.float32)
     lse = torch.stack([x.to(lse_dtype) for x in lses])  # [N, ...]
-    lse = lse.masked_fill(torch.isnan(lse) | torch.isposinf(lse), NEG_INF)
+    bad = torch.isnan(lse) | torch.isposinf(lse)
+    poisoned = bad.any(dim=0) if nan_propagate else torch.zeros_like(bad[0])
+    lse = lse.masked_fill(bad, NEG_INF)
     m = lse.max(dim=0).values
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # all empty: any finite shift
     w = torch.exp(lse - m)  # [N, ...], 0 for empty inputs
@@ -108,12 +134,13 @@ def merge_n(
     for i, o in enumerate(outs):
         contrib = frac[i][..., None].to(dtype) * o.to(dtype)
         merged_out += torch.where(frac[i][..., None] > 0, contrib, torch.zeros_like(contrib))
-    return merged_out, merged_lse
+    merged_out = merged_out.masked_fill(poisoned[..., None], math.nan)
+    return merged_out, merged_lse.masked_fill(poisoned, math.nan)
 
 
 def merge(
     out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor,
-    *, dtype: torch.dtype = torch.float64,
+    *, dtype: torch.dtype = torch.float64, nan_propagate: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Two-way :func:`merge_n`."""
-    return merge_n([out_a, out_b], [lse_a, lse_b], dtype=dtype)
+    return merge_n([out_a, out_b], [lse_a, lse_b], dtype=dtype, nan_propagate=nan_propagate)

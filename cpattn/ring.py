@@ -31,7 +31,7 @@ from functools import lru_cache
 import torch
 
 from . import comm
-from .backends import dispatch
+from .backends import dispatch, select
 from .backends.pytorch.merge import merge as wide_merge
 from .partition import _partition
 
@@ -219,9 +219,10 @@ def _merge(partials, out, out_lse, backend, dtype) -> None:
     lses = [l.to(dtype) for _, l in partials]
     outs = [o for o, _ in partials]
     if dtype == torch.float64:
-        wide_merge(outs, lses, out, out_lse)
+        wide_merge(outs, lses, out, out_lse, nan_propagate=True)  # strict: a poisoned (NaN) partial stays NaN
     else:
-        dispatch("merge", backend, outs=outs, lses=lses, out=out, out_lse=out_lse)
+        inputs = dict(outs=outs, lses=lses, out=out, out_lse=out_lse)
+        select("merge", backend, inputs).run("merge", **inputs, nan_propagate=True)
 
 
 @lru_cache(maxsize=32)

@@ -64,8 +64,12 @@ def test_query_positions_are_last_tokens(wi, nq, extra):
     want_pos = [L - n + j for L, n in zip(lens, nq) for j in range(n)]
     want_req = [b for b, n in enumerate(nq) for _ in range(n)]
     assert pos.tolist() == want_pos and req.tolist() == want_req
-    pos1, req1 = layout.query_positions(torch.tensor(lens), None)
-    assert pos1.tolist() == [L - 1 for L in lens] and req1.tolist() == list(range(len(lens)))
+    ones = [max(L, 1) for L in lens]  # one query per request: each request holds at least that token
+    pos1, req1 = layout.query_positions(torch.tensor(ones), None)
+    assert pos1.tolist() == [L - 1 for L in ones] and req1.tolist() == list(range(len(lens)))
+    if 0 in lens:  # a position of -1 came out here before
+        with pytest.raises(ValueError, match=">= 1"):
+            layout.query_positions(torch.tensor(lens), None)
 
 
 @st.composite
@@ -160,3 +164,62 @@ def test_validation_names_the_argument():
         layout.local_position(torch.arange(3), 2.0)
     with pytest.raises(ValueError, match="block_size .*multiple of interleave"):
         layout.shard_kv(torch.zeros(3, 1, 1), None, torch.tensor([3]), world_size=2, block_size=6, interleave=4)
+
+
+I32 = torch.int32
+
+
+@pytest.mark.parametrize("call, exc, word", [
+    # negative positions / lengths: garbage out before (issue 11, item 10)
+    (lambda: layout.owner_rank(torch.tensor([3, -1]), 2), ValueError, "positions must be >= 0"),
+    (lambda: layout.local_position(torch.tensor([-4]), 2, 2), ValueError, "positions must be >= 0"),
+    (lambda: layout.dcp_local_seq_lens(torch.tensor([-3]), 2, 0), ValueError, "seq_lens must be >= 0"),
+    (lambda: layout.dcp_local_seq_lens_all(torch.tensor([5, -3]), 2), ValueError, "seq_lens must be >= 0"),
+    (lambda: layout.query_positions(torch.tensor([-2]), torch.tensor([0, 1])), ValueError, "seq_lens must be >= 0"),
+    (lambda: layout.query_positions(torch.tensor([2]), torch.tensor([0, 3])), ValueError, "3 query tokens but seq_lens"),
+    (lambda: layout.query_positions(torch.tensor([2, 4]), torch.tensor([0, 2, 1])), ValueError, "never decrease"),
+    (lambda: layout.query_positions(torch.tensor([2, 4]), torch.tensor([0, 2])), ValueError, r"\[B\+1\]"),
+    (lambda: layout.query_positions(torch.tensor([0]), None), ValueError, ">= 1"),
+    (lambda: layout.query_positions(torch.tensor([3]), torch.tensor([0, 1]), 5), ValueError, "num_tokens"),
+    (lambda: layout.slot_mapping(torch.tensor([-1]), torch.tensor([0]), torch.zeros(1, 2, dtype=I32), 4,
+                                 world_size=2, rank=0), ValueError, "positions must be >= 0"),
+    (lambda: layout.shard_kv(torch.zeros(3, 1, 1), None, torch.tensor([-3]), world_size=2, block_size=4),
+     ValueError, "seq_lens must be >= 0"),
+    (lambda: layout.shard_paged_cache(torch.zeros(2, 4, 1, 1), None, torch.zeros(1, 2, dtype=I32), torch.tensor([-3]),
+                                      world_size=2), ValueError, "seq_lens must be >= 0"),
+    # out-of-range indices: raw IndexError before
+    (lambda: layout.slot_mapping(torch.tensor([100]), torch.tensor([0]), torch.zeros(1, 2, dtype=I32), 4,
+                                 world_size=2, rank=0), ValueError, "block column"),
+    (lambda: layout.slot_mapping(torch.tensor([1]), torch.tensor([5]), torch.zeros(1, 2, dtype=I32), 4,
+                                 world_size=2, rank=0), ValueError, "request 5"),
+    (lambda: layout.slot_mapping(torch.tensor([1, 2]), torch.tensor([0]), torch.zeros(1, 2, dtype=I32), 4,
+                                 world_size=2, rank=0), ValueError, "req_indices must have the shape"),
+    (lambda: layout.shard_paged_cache(torch.zeros(2, 4, 1, 1), None, torch.tensor([[7, 9]]), torch.tensor([3]),
+                                      world_size=2), ValueError, "block 7"),
+    # wrong types: raw AttributeError / TypeError from torch before
+    (lambda: layout.owner_rank([1, 2], 2), TypeError, "positions must be an integer torch.Tensor"),
+    (lambda: layout.dcp_local_seq_lens([3], 2, 0), TypeError, "seq_lens must be an integer torch.Tensor"),
+    (lambda: layout.dcp_local_seq_lens(torch.tensor([3.0]), 2, 0), TypeError, "integer dtype"),
+    (lambda: layout.dcp_local_seq_lens_all([3], 2), TypeError, "seq_lens"),
+    (lambda: layout.query_positions([2], None), TypeError, "seq_lens"),
+    (lambda: layout.query_positions(torch.tensor([2]), [0, 1]), TypeError, "query_start_loc"),
+    (lambda: layout.slot_mapping(torch.tensor([1]), torch.tensor([0]), [[0, 1]], 4, world_size=2, rank=0),
+     TypeError, "block_table"),
+    (lambda: layout.shard_kv(torch.zeros(3, 1, 1), None, [3], world_size=2, block_size=4), TypeError, "seq_lens"),
+    (lambda: layout.shard_kv([1, 2, 3], None, torch.tensor([3]), world_size=2, block_size=4), TypeError, "k"),
+    (lambda: layout.shard_kv(torch.zeros(3, 1, 1), None, torch.tensor([3]), world_size=2, block_size=4,
+                             spare_blocks=-1), ValueError, "spare_blocks"),
+    (lambda: layout.shard_paged_cache(torch.zeros(2, 4, 1, 1), None, [[0]], torch.tensor([3]), world_size=2),
+     TypeError, "block_table"),
+    (lambda: layout.shard_paged_cache([0], None, torch.zeros(1, 1, dtype=I32), torch.tensor([3]), world_size=2),
+     TypeError, "k_cache"),
+])
+def test_bad_positions_lengths_and_types_raise_clearly(call, exc, word):
+    with pytest.raises(exc, match=word):
+        call()
+
+
+def test_meta_and_valid_edge_inputs_still_work():
+    assert layout.dcp_local_seq_lens(torch.tensor([5], device="meta"), 2, 0).device.type == "meta"
+    assert layout.query_positions(torch.tensor([0, 3]), torch.tensor([0, 0, 2]))[0].tolist() == [1, 2]
+    assert layout.owner_rank(torch.zeros(0, dtype=torch.long), 2).numel() == 0

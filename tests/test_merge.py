@@ -374,3 +374,73 @@ def test_output_buffer_overlapping_the_other_kind_of_input_is_refused():
     out_lse_inside_out_b = flat[:6].view(3, 2)
     with pytest.raises(ValueError, match="out_lse partially overlaps"):
         cpattn.merge_attn_states(a, la, flat.view(3, 2, 4), lb, out_lse=out_lse_inside_out_b)
+
+
+# ------------------------------------------------------------------ output buffers that overlap (issue 11, item 6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", ["lse_view_into_out", "out_view_into_lse_buffer", "stride0_out_lse", "stride0_out"])
+def test_overlapping_output_buffers_are_refused_before_writing(backend, case):
+    a, la, b, lb = _ok()
+    if case == "lse_view_into_out":
+        out = torch.full((3, 2, 4), 5.0)
+        out_lse = out.view(-1)[:6].view(3, 2)  # out_lse inside out
+    elif case == "out_view_into_lse_buffer":
+        buf = torch.full((3 * 2 * 4 + 6,), 5.0)
+        out, out_lse = buf[:24].view(3, 2, 4), buf[20:26].view(3, 2)  # byte ranges overlap at the end of out
+    elif case == "stride0_out_lse":
+        out, out_lse = torch.full((3, 2, 4), 5.0), torch.full((1,), 5.0).expand(3, 2)
+    else:
+        out, out_lse = torch.full((1, 2, 4), 5.0).expand(3, 2, 4), torch.full((3, 2), 5.0)
+    keep_out, keep_lse = out.clone(), out_lse.clone()
+    with pytest.raises(ValueError, match="share memory|shares memory"):
+        cpattn.merge_attn_states(a, la, b, lb, out=out, out_lse=out_lse, backend=backend)
+    with pytest.raises(ValueError, match="share memory|shares memory"):
+        cpattn.merge_attn_states_n([a, b], [la, lb], out=out, out_lse=out_lse, backend=backend)
+    assert torch.equal(out, keep_out) and torch.equal(out_lse, keep_lse), "nothing may be written"
+
+
+def test_strided_but_distinct_output_buffers_are_accepted():
+    a, la, b, lb = _ok()
+    buf = torch.empty(3, 2, 5)  # out and out_lse in one buffer, side by side: no element shared ...
+    out, out_lse = buf[..., :4], buf[..., 4]
+    with pytest.raises(ValueError, match="shares memory"):  # ... but their byte ranges interleave: refused (documented)
+        cpattn.merge_attn_states(a, la, b, lb, out=out, out_lse=out_lse)
+    out = torch.empty(2, 3, 4).transpose(0, 1)  # a permuted dense buffer is fine
+    got = cpattn.merge_attn_states(a, la, b, lb, out=out)
+    exp = cpattn.merge_attn_states(a, la, b, lb)
+    assert torch.equal(got[0], exp[0]) and torch.equal(got[1], exp[1])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_meta_inputs_give_shape_only_result(backend):
+    """Eager merges on 'meta' tensors (no storage) used to report an overlap: every meta tensor
+    has data_ptr 0. They now return meta outputs of the right shapes and dtypes."""
+    a, la, b, lb = (x.to("meta") for x in _ok())
+    for out, lse in (cpattn.merge_attn_states(a, la, b, lb, backend=backend),
+                     cpattn.merge_attn_states_n([a, b, a], [la, lb, la], backend=backend),
+                     cpattn.merge_attn_states(a.bfloat16(), la, b.bfloat16(), lb, backend=backend)):
+        assert out.device.type == "meta" and lse.device.type == "meta"
+        assert out.shape == (3, 2, 4) and lse.shape == (3, 2) and lse.dtype == torch.float32
+    out, out_lse = torch.empty(3, 2, 4, device="meta"), torch.empty(3, 2, device="meta")
+    got = cpattn.merge_attn_states(a, la, b, lb, out=out, out_lse=out_lse, backend=backend)
+    assert got[0] is out and got[1] is out_lse
+
+
+# ------------------------------------------------------------------ forward only (issue 11, item 13)
+
+
+def test_inputs_requiring_grad_are_refused_with_a_clear_message():
+    a, la, b, lb = _ok()
+    for name, args in (("out_a", (a.requires_grad_(), la, b, lb)), ("lse_b", (a.detach(), la, b, lb.requires_grad_()))):
+        with pytest.raises(ValueError, match=f"{name} requires grad.*forward-only"):
+            cpattn.merge_attn_states(*args)
+        with pytest.raises(ValueError, match="forward-only"):
+            cpattn.merge_attn_states_n([args[0], args[2]], [args[1], args[3]])
+        with torch.no_grad():  # allowed: no graph is being recorded
+            cpattn.merge_attn_states(*args)
+    a, la, b, lb = _ok()
+    o, l = torch.ops.cpattn.merge_attn_states(a.requires_grad_(), la, b, lb, None)
+    with pytest.raises(RuntimeError, match="no autograd formula"):  # the op: backward raises, never a silent zero
+        o.sum().backward()

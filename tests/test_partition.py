@@ -6,6 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import cpattn.partition
 from cpattn import pcp_partition, pcp_restore
 from conftest import examples
 
@@ -121,3 +122,22 @@ def test_restore_checks_shapes():
     cu = torch.tensor([0, 7])
     with pytest.raises(ValueError, match=r"per_rank\[1\]"):
         pcp_restore([torch.zeros(3, 2), torch.zeros(2, 2)], cu)
+
+
+@pytest.mark.parametrize("call, exc, word", [
+    (lambda: cpattn.partition.pcp_chunk_bounds(-5, 2, 0), ValueError, "length must be >= 0"),
+    (lambda: cpattn.partition.pcp_chunk_bounds(5.0, 2, 0), TypeError, "length must be an int"),
+    (lambda: cpattn.partition.pcp_chunk_bounds(5, 2, 7), ValueError, "rank must be in"),
+    (lambda: cpattn.partition.pcp_chunk_bounds(5, 0, 0), ValueError, "world_size"),
+    (lambda: pcp_partition([0, -3], 2, 0), ValueError, "never decrease"),
+    (lambda: pcp_partition(None, 2, 0), TypeError, "cu_seqlens"),
+    (lambda: pcp_partition([0, 4], 2, -1), ValueError, "rank"),
+    (lambda: pcp_restore([[1, 2]], [0, 2]), TypeError, "per_rank must be a list of tensors"),
+    (lambda: pcp_restore(torch.zeros(2, 3), [0, 2]), TypeError, "per_rank must be a list of tensors"),
+    (lambda: pcp_restore([torch.zeros(2)], [0, 2], world_size="1"), TypeError, "world_size"),
+    (lambda: pcp_restore([torch.tensor(1.0)], [0, 1]), ValueError, "at least 1 dim"),
+])
+def test_bad_lengths_and_types_raise_clearly(call, exc, word):
+    """Issue 11 item 10: garbage out, or a raw AttributeError, before."""
+    with pytest.raises(exc, match=word):
+        call()

@@ -13,8 +13,8 @@ BACKEND = Backend("reference", "float64 oracle in plain PyTorch (slow; any devic
 
 
 @BACKEND.kernel("merge")
-def merge(outs, lses, out, out_lse):
-    o, l = reference.merge_n(outs, lses)
+def merge(outs, lses, out, out_lse, nan_propagate=False):
+    o, l = reference.merge_n(outs, lses, nan_propagate=nan_propagate)
     out.copy_(o)
     out_lse.copy_(l)
 

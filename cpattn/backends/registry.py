@@ -15,9 +15,11 @@ reason and never breaks ``import cpattn``.
 
 Kernel signatures (internal, after the public layer validated the input):
 
-* ``merge(outs, lses, out, out_lse)``: ``outs`` a list of N tensors ``[..., D]``, ``lses`` a list
-  of N float32 tensors ``[...]``; writes the merged result into ``out`` (inputs' dtype) and
-  ``out_lse`` (float32). ``out`` may be one of ``outs`` (in-place merge).
+* ``merge(outs, lses, out, out_lse, nan_propagate=False)``: ``outs`` a list of N tensors
+  ``[..., D]``, ``lses`` a list of N float32 tensors ``[...]``; writes the merged result into
+  ``out`` (inputs' dtype) and ``out_lse`` (float32). ``out`` may be one of ``outs`` (in-place
+  merge). Input LSEs of ``+inf``/NaN are empty (the public contract); with ``nan_propagate``
+  (DCP and PCP merging their kernels' partials) they make the merged row NaN instead.
 * ``paged_attention(q, k_cache, v_cache, block_table, query_start_loc, visible_lens, scale,
   v_head_dim, max_query_len, max_kv_len)`` -> ``(out, lse)``: ``q [T, Hq, Dqk]`` against one
   rank's paged cache ``k_cache [NB, bs, Hkv, Dqk]``, ``v_cache [NB, bs, Hkv, Dv]`` (None: MLA,
@@ -26,6 +28,9 @@ Kernel signatures (internal, after the public layer validated the input):
   ``max_query_len``/``max_kv_len`` bound the per-request query count and ``visible_lens``.
   Returns ``out [T, Hq, Dv]`` (q dtype) and ``lse [T, Hq]`` (float32; for float32 q a kernel may
   return float64, which DCP keeps through its cross-rank merge; ``(0, -inf)`` when no key).
+  NaN/inf inputs (both attention kernels): a row that sees a key and whose query row, or the
+  key or value of a key it sees, holds a NaN or inf is *poisoned*: ``out`` and ``lse`` NaN
+  (:mod:`cpattn.reference`'s rule). Keys a row does not see never affect it.
 * ``attention(q, k, v, cu_seqlens_q, cu_seqlens_k, q_positions, k_positions, causal, scale)`` ->
   ``(out, lse)``: varlen attention of ``q [Tq, Hq, Dqk]`` over ``k [Tk, Hkv, Dqk]``,
   ``v [Tk, Hkv, Dv]`` (last dim stride 1); ``cu_seqlens_q/k [B+1]`` int tensors; with ``causal``

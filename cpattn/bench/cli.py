@@ -4,9 +4,14 @@ With no arguments it runs the default tour: a short, checked run of every op tha
 (distributed ops on gloo ranks); it exits non-zero if any check fails. Subcommands time one op in
 detail; ``cpattn-bench SUB --help`` lists their options.
 
+Bad arguments give argparse's usage line and an error naming the argument (exit code 2), never
+a traceback: every option has a checking type (:mod:`cpattn.bench.common`), and checks across
+options run before any benchmark does.
+
 Each subcommand lives in its own module ``cpattn.bench.<name>`` with ``register(subparsers)``
-(adds its parser, with ``func`` set) and ``tour() -> bool`` (a short checked run; True when every
-check passed); :data:`TOUR` lists the ones the default tour runs.
+(adds its parser, with ``func`` set, and optionally ``validate(args) -> message or None``) and
+``tour() -> bool`` (a short checked run; True when every check passed); :data:`TOUR` lists the
+ones the default tour runs.
 """
 from __future__ import annotations
 
@@ -30,7 +35,11 @@ def main(argv: list[str] | None = None) -> int:
     mods = _modules()
     for m in mods:
         m.register(subs)
-    args = parser.parse_args(argv)
+    args = parser.parse_args(argv)  # bad values: argparse's usage + error message, exit code 2
+    validate = getattr(args, "validate", None)
+    msg = validate(args) if validate is not None else None
+    if msg:  # checks across arguments: the same form of error, before any benchmark runs
+        subs.choices[args.cmd].error(msg)
     if args.cmd is None:
         print("cpattn-bench: default tour (short checked runs of every op on CPU)")
         ok = all([m.tour() for m in mods if m.__name__.rsplit(".", 1)[-1] in TOUR])

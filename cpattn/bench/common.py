@@ -1,7 +1,10 @@
-"""Timing, bandwidth and table helpers shared by the bench subcommands."""
+"""Timing, bandwidth and table helpers shared by the bench subcommands, and the argument types
+that make bad command lines argparse errors (usage line, exit code 2) rather than tracebacks."""
 from __future__ import annotations
 
+import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -76,3 +79,59 @@ def machine() -> dict:
 def write_json(path: str, payload: dict) -> None:
     with open(path, "w", encoding="utf-8") as f:
         json.dump({"machine": machine(), **payload}, f, indent=2, default=str)
+
+
+# ---- argument types: bad values become "cpattn-bench SUB: error: argument --x: ..." (exit 2)
+
+
+def positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer > 0, got {text!r}") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"expected an integer > 0, got {v}")
+    return v
+
+
+def nonneg_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {v}")
+    return v
+
+
+def int_list(text: str) -> list[int]:
+    """A comma list of integers > 0, e.g. ``2,4``."""
+    items = [x.strip() for x in text.split(",")]
+    if not all(items):
+        raise argparse.ArgumentTypeError(f"expected a comma list of integers > 0 (e.g. 2,4), got {text!r}")
+    return [positive_int(x) for x in items]
+
+
+def choice_list(choices):
+    """Type for a comma list whose items are all in ``choices`` (an iterable of str)."""
+    allowed = list(choices)
+
+    def parse(text: str) -> list[str]:
+        items = [x.strip() for x in text.split(",")]
+        bad = [x for x in items if x not in allowed]
+        if bad or not items:
+            raise argparse.ArgumentTypeError(f"invalid choice(s) {', '.join(map(repr, bad)) or repr(text)}; "
+                                             f"choose a comma list of: {', '.join(allowed)}")
+        return items
+
+    return parse
+
+
+def json_path(text: str) -> str:
+    """A file path whose directory exists (checked before any benchmark runs)."""
+    d = os.path.dirname(os.path.abspath(text))
+    if not os.path.isdir(d):
+        raise argparse.ArgumentTypeError(f"directory {d!r} does not exist")
+    if os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is a directory; give a file path")
+    return text

@@ -40,7 +40,7 @@ from cpattn import comm, dcp_combine, layout, reference
 from cpattn.backends import select
 from cpattn.testing.gloo import GlooWorld
 
-from .common import DTYPES, print_table, write_json
+from .common import DTYPES, choice_list, int_list, json_path, nonneg_int, positive_int, print_table, write_json
 
 SHAPES = {
     "gqa": dict(hq=32, hkv=8, dqk=128, dv=128, mla=False),
@@ -266,22 +266,32 @@ def bench(shapes: list[str], worlds: list[int], context: int, batch: int, dtype:
 
 def register(subs) -> None:
     p = subs.add_parser("dcp", help="DCP decode on gloo ranks: local attention, combine strategies, bytes sent")
-    p.add_argument("--context", type=int, default=32768, help="tokens per request (global)")
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--world", default="2,4", help="comma list of world sizes")
-    p.add_argument("--shapes", default="gqa,mla", help="comma list of gqa,mla")
+    p.add_argument("--context", type=positive_int, default=32768, help="tokens per request (global)")
+    p.add_argument("--batch", type=positive_int, default=8)
+    p.add_argument("--world", type=int_list, default="2,4", help="comma list of world sizes")
+    p.add_argument("--shapes", type=choice_list(SHAPES), default="gqa,mla", help="comma list of gqa,mla")
     p.add_argument("--dtype", default="bfloat16", choices=list(DTYPES))
-    p.add_argument("--block-size", type=int, default=64)
-    p.add_argument("--iters", type=int, default=3, help="local-attention timing iterations")
-    p.add_argument("--combine-iters", type=int, default=50)
+    p.add_argument("--block-size", type=positive_int, default=64)
+    p.add_argument("--iters", type=positive_int, default=3, help="local-attention timing iterations")
+    p.add_argument("--combine-iters", type=positive_int, default=50)
     p.add_argument("--no-baseline", action="store_true", help="skip the one-device (no DCP) timing")
-    p.add_argument("--layers", type=int, default=32,
+    p.add_argument("--layers", type=nonneg_int, default=32,
                    help="layers per step for the plan/run vs one-call table (0: skip it; default 32)")
-    p.add_argument("--layer-context", type=int, default=None,
+    p.add_argument("--layer-context", type=positive_int, default=None,
                    help="tokens per request for that table (default: --context)")
     p.add_argument("--check", action="store_true", help="check a small case against the float64 reference first")
-    p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
-    p.set_defaults(func=run)
+    p.add_argument("--json", metavar="PATH", type=json_path, help="also write the results as JSON")
+    p.set_defaults(func=run, validate=_validate)
+
+
+def _validate(args) -> str | None:
+    """Checks across arguments (cli.main turns a message into an argparse error)."""
+    for name in args.shapes:
+        hq = SHAPES[name]["hq"]
+        bad = [w for w in args.world if hq % w]
+        if bad:  # heads="sharded" splits the query heads over the ranks
+            return f"--world {','.join(map(str, bad))}: the {name} shape's {hq} query heads must divide by the world size"
+    return None
 
 
 def _print(rows, title):
@@ -291,19 +301,20 @@ def _print(rows, title):
 
 
 def run(args) -> int:
-    rows, ok = bench(args.shapes.split(","), [int(x) for x in args.world.split(",")], args.context, args.batch,
+    rows, ok = bench(args.shapes, args.world, args.context, args.batch,
                      args.dtype, args.block_size, args.iters, args.combine_iters, args.check, not args.no_baseline)
     _print(rows, f"dcp_decode_attention: batch {args.batch} x {args.context} tokens, {args.dtype}, "
                  f"block {args.block_size}")
     lrows = []
     if args.layers > 0:
         ctx = args.layer_context or args.context
-        lrows = bench_layers(args.shapes.split(","), [int(x) for x in args.world.split(",")], ctx, args.batch,
+        lrows = bench_layers(args.shapes, args.world, ctx, args.batch,
                              args.dtype, args.block_size, args.layers, args.iters)
         print_table(lrows, LAYER_COLUMNS, f"per layer: DcpDecodePlan (plan once, run x{args.layers}) vs "
                                           f"dcp_decode_attention x{args.layers}; batch {args.batch} x {ctx} tokens")
     if args.json:
-        write_json(args.json, {"op": "dcp", "args": vars(args) | {"func": None}, "rows": rows, "layer_rows": lrows})
+        write_json(args.json, {"op": "dcp", "args": vars(args) | {"func": None, "validate": None}, "rows": rows,
+                               "layer_rows": lrows})
     if not ok:
         print("SOME CHECKS FAILED (reference check or bytes != formula)")
     return 0 if ok else 1

@@ -11,7 +11,7 @@ import torch
 import cpattn
 from cpattn import reference
 
-from .common import DTYPES, memcpy_bandwidth, print_table, timeit, write_json
+from .common import DTYPES, choice_list, int_list, json_path, memcpy_bandwidth, positive_int, print_table, timeit, write_json
 
 COLUMNS = ["backend", "dtype", "ways", "T", "H", "D", "median_ms", "GB/s", "of_memcpy", "vs_eager", "check"]
 
@@ -76,21 +76,40 @@ def bench(tokens: int, heads: int, head_dim: int, dtypes: list[str], ways: list[
 
 def register(subs) -> None:
     p = subs.add_parser("merge", help="N-way LSE merge: time, GB/s, fraction of memcpy bandwidth")
-    p.add_argument("--tokens", type=int, default=16384)
-    p.add_argument("--heads", type=int, default=32)
-    p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--dtype", default="float32,bfloat16", help="comma list of float32,bfloat16,float16")
-    p.add_argument("--ways", default="2,8", help="comma list of N")
-    p.add_argument("--backends", default="pytorch,eager", help="comma list: pytorch,reference,eager")
-    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--tokens", type=positive_int, default=16384)
+    p.add_argument("--heads", type=positive_int, default=32)
+    p.add_argument("--head-dim", type=positive_int, default=128)
+    p.add_argument("--dtype", type=choice_list(DTYPES), default="float32,bfloat16",
+                   help="comma list of float32,bfloat16,float16")
+    p.add_argument("--ways", type=int_list, default="2,8", help="comma list of N")
+    p.add_argument("--backends", type=choice_list([*cpattn.list_backends(), "eager"]), default="pytorch,eager",
+                   help="comma list: pytorch,reference,eager (triton on CUDA/NPU)")
+    p.add_argument("--iters", type=positive_int, default=5)
     p.add_argument("--check", action="store_true", help="compare each result with the float64 reference")
-    p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
-    p.set_defaults(func=run)
+    p.add_argument("--json", metavar="PATH", type=json_path, help="also write the results as JSON")
+    p.set_defaults(func=run, validate=_validate)
+
+
+def _validate(args) -> str | None:
+    """A requested backend that cannot run the benchmark's (CPU) tensors: say why now."""
+    from cpattn.backends import BackendError, get_backend
+
+    o, l = torch.zeros(1, 1, 1), torch.zeros(1, 1)
+    for name in args.backends:
+        if name == "eager":
+            continue
+        try:
+            reasons = get_backend(name).reasons("merge", {"outs": [o, o], "lses": [l, l], "out": o, "out_lse": l})
+        except BackendError as exc:
+            reasons = [str(exc)]
+        if reasons:
+            return f"--backends {name}: cannot run here: {'; '.join(reasons)}"
+    return None
 
 
 def run(args) -> int:
-    rows, bw = bench(args.tokens, args.heads, args.head_dim, args.dtype.split(","),
-                     [int(x) for x in args.ways.split(",")], args.backends.split(","), args.check, args.iters)
+    rows, bw = bench(args.tokens, args.heads, args.head_dim, args.dtype, args.ways, args.backends, args.check,
+                     args.iters)
     print(f"memcpy bandwidth (read+write) in this run: {bw:.1f} GB/s; threads: {torch.get_num_threads()}")
     print_table(rows, COLUMNS, "merge_attn_states_n")
     if args.json:

@@ -33,7 +33,7 @@ import time
 import torch
 
 from ..testing.gloo import GlooWorld
-from .common import DTYPES, print_table, write_json
+from .common import DTYPES, choice_list, int_list, json_path, nonneg_int, positive_int, print_table, write_json
 
 COLUMNS = ["shape", "method", "ranks", "best_s", "median_s", "speedup", "efficiency", "cpu_s", "cpu_speedup",
            "compute_s", "wait_s", "merge_s", "pack_s", "other_s", "rank_compute_spread", "check"]
@@ -221,24 +221,31 @@ def _shapes(args) -> list[tuple]:
 def register(subparsers) -> None:
     p = subparsers.add_parser("pcp", help="PCP prefill: 1 rank vs N gloo ranks, ring and all-gather",
                               description=__doc__.split("\n\n")[0])
-    p.add_argument("--length", type=int, default=16384, help="tokens in the sequence (default 16384)")
-    p.add_argument("--heads", type=int, default=32, help="query heads Hq (default 32)")
-    p.add_argument("--kv-heads", type=int, default=8, help="KV heads Hkv (default 8)")
-    p.add_argument("--head-dim", type=int, default=128, help="head dim D (default 128)")
+    p.add_argument("--length", type=positive_int, default=16384, help="tokens in the sequence (default 16384)")
+    p.add_argument("--heads", type=positive_int, default=32, help="query heads Hq (default 32)")
+    p.add_argument("--kv-heads", type=positive_int, default=8, help="KV heads Hkv (default 8)")
+    p.add_argument("--head-dim", type=positive_int, default=128, help="head dim D (default 128)")
     p.add_argument("--mla", action=argparse_bool(), default=True, help="also the MLA-like 192/128 shape (default on)")
-    p.add_argument("--mla-heads", type=int, default=16, help="heads of the MLA-like shape (default 16)")
+    p.add_argument("--mla-heads", type=positive_int, default=16, help="heads of the MLA-like shape (default 16)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
-    p.add_argument("--world", type=int, nargs="+", default=[2], help="rank counts to compare with 1 rank")
+    p.add_argument("--world", type=positive_int, nargs="+", default=[2], help="rank counts to compare with 1 rank")
     p.add_argument("--methods", nargs="+", choices=["ring", "allgather"], default=["ring", "allgather"])
-    p.add_argument("--threads", type=int, default=1, help="threads per rank (default 1)")
-    p.add_argument("--iters", type=int, default=3)
-    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--threads", type=positive_int, default=1, help="threads per rank (default 1)")
+    p.add_argument("--iters", type=positive_int, default=3)
+    p.add_argument("--warmup", type=nonneg_int, default=1)
     p.add_argument("--check", action="store_true", help="check a small case (L=777) against the float64 oracle first")
-    p.add_argument("--layers", type=int, default=32,
+    p.add_argument("--layers", type=nonneg_int, default=32,
                    help="layers per batch for the plan/run vs one-call table (0: skip it; default 32)")
-    p.add_argument("--layer-length", type=int, default=2048, help="tokens of that table's batch (default 2048)")
-    p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
-    p.set_defaults(func=main)
+    p.add_argument("--layer-length", type=positive_int, default=2048, help="tokens of that table's batch (default 2048)")
+    p.add_argument("--json", metavar="PATH", type=json_path, help="also write the results as JSON")
+    p.set_defaults(func=main, validate=_validate)
+
+
+def _validate(args) -> str | None:
+    """Checks across arguments (cli.main turns a message into an argparse error)."""
+    if args.heads % args.kv_heads:
+        return f"--heads ({args.heads}) must be a multiple of --kv-heads ({args.kv_heads})"
+    return None
 
 
 def argparse_bool():

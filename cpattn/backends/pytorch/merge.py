@@ -10,6 +10,10 @@ Empty inputs (LSE ``-inf``, ``+inf`` or NaN) get weight 0 and their rows must be
 when they hold NaN (``0 * NaN`` is NaN), which costs one masking step per input chunk. On CPU a
 host check is free, so the masking only runs when some weight is 0; on other devices it always
 runs (a host sync would break graph capture).
+
+``nan_propagate=True`` (the strict rule DCP and PCP use on the partials of cpattn's own kernels,
+which mark a poisoned row, one that saw a NaN or inf, with a NaN LSE): an input LSE of NaN or
+``+inf`` makes the merged row NaN, ``out`` and ``lse``, instead of counting as empty.
 """
 from __future__ import annotations
 
@@ -20,29 +24,37 @@ from ..hostsync import host_reads_allowed
 _CHUNK_ELEMS = 1 << 18  # float32 accumulator of about 1 MiB per chunk
 
 
-def merge_weights(lses: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def merge_weights(lses: list[torch.Tensor], nan_propagate: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-input merge weights and the merged LSE.
 
     ``lses``: N float32 tensors of one shape. Returns ``frac [N, *shape]`` (the weight of each
-    input, 0 for empty ones, rows summing to 1 unless all are empty) and ``lse [*shape]``.
+    input, 0 for empty ones, rows summing to 1 unless all are empty) and ``lse [*shape]``. With
+    ``nan_propagate``, rows where some input LSE is NaN or ``+inf`` get NaN weights and LSE.
     """
     lse = torch.stack(lses)
-    lse = lse.masked_fill(torch.isnan(lse) | torch.isposinf(lse), float("-inf"))
+    bad = torch.isnan(lse) | torch.isposinf(lse)
+    if nan_propagate:
+        poisoned = bad.any(dim=0)
+    lse = lse.masked_fill(bad, float("-inf"))
     m = lse.amax(dim=0)
     m = m.masked_fill(~torch.isfinite(m), 0.0)
     w = torch.exp(lse - m)
     total = w.sum(dim=0)
     merged = m + torch.log(total)
     frac = w / total.masked_fill(total == 0, 1.0)
+    if nan_propagate:
+        frac = frac.masked_fill(poisoned, float("nan"))
+        merged = merged.masked_fill(poisoned, float("nan"))
     return frac, merged
 
 
-def merge(outs: list[torch.Tensor], lses: list[torch.Tensor], out: torch.Tensor, out_lse: torch.Tensor) -> None:
+def merge(outs: list[torch.Tensor], lses: list[torch.Tensor], out: torch.Tensor, out_lse: torch.Tensor,
+          nan_propagate: bool = False) -> None:
     """The ``merge`` kernel. Beyond the registry's float32 contract it also takes float64 LSEs
     (weights and accumulation then run in float64, and ``out``/``out_lse`` may be float64): the
     float64 accumulators that DCP and PCP keep for float32 inputs merge here, on any device,
     whatever backend runs the attention kernels (Triton has no float64)."""
-    frac, merged_lse = merge_weights(lses)
+    frac, merged_lse = merge_weights(lses, nan_propagate)  # NaN weights (poisoned rows) are never masked below
     D = out.shape[-1]
     rows = out_lse.numel()
     frac = frac.reshape(len(outs), rows, 1)

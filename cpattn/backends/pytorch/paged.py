@@ -26,6 +26,16 @@ replaced by block 0 and masked), and gathered K/V rows past the length are zeroe
 NaN cache contents and padded/garbage block-table entries cannot leak into the result. A query
 with no visible key gets ``out = 0``, ``lse = -inf``.
 
+NaN and inf are never hidden (:mod:`cpattn.reference`'s rule): a query row that sees a key and
+whose query, or the key or value of a key it sees, holds a NaN or inf comes out NaN (``out`` and
+``lse``), so that DCP's strict merge carries it into the result. On CPU the check is nearly free:
+a NaN/inf in a chunk's K makes its raw scores non-finite (query rows are cleaned first; padding
+rows are zeros and 0 * inf is NaN), one in V makes ``p @ V`` non-finite, and both are small next
+to the chunk. Only then is the chunk cleaned (its non-finite values zeroed, so that a masked
+key's weight 0 times NaN cannot reach a query that does not see it) and run again, and the first
+such position per request and KV head is kept: every query whose visible prefix reaches it is
+poisoned. Off CPU every chunk is cleaned that way (no host sync).
+
 No host sync off CPU: the caller passes ``max_query_len`` and ``max_kv_len`` (host ints it
 already has); on CPU, where it is free, ``min(visible_lens)`` is read too so that chunks every
 query fully sees skip the masking.
@@ -34,6 +44,11 @@ from __future__ import annotations
 
 import torch
 
+from ..hostsync import host_reads_allowed
+
+#: Host reads where they are free (CPU). False runs the path used on other devices (no host
+#: sync: every chunk masked and cleaned); tests set it to check that path on CPU.
+HOST_CHECKS = True
 _CHUNK_ELEMS = 1 << 21  # elements per temporary (8 MiB in float32); measured best of 2^18..2^23 on CPU
 
 
@@ -65,6 +80,8 @@ def paged_attention(q, k_cache, v_cache, block_table, query_start_loc, visible_l
     lse = torch.full((T, Hq), float("-inf"), dtype=_lse_dtype(q.dtype), device=dev)
     if T == 0 or B == 0 or NB == 0 or max_kv_len <= 0:
         return out, lse
+    qs = q.to(cd) * scale
+    q_bad = ~torch.isfinite(qs).all(dim=-1)  # [T, Hq]: poisoned queries (if they see any key), overflow included
 
     # Pad queries per request: token t -> (request b, slot j). Query rows are laid out
     # [Hkv, B, Qm * G, D] so that each KV head's scores are one contiguous bmm output.
@@ -72,14 +89,14 @@ def paged_attention(q, k_cache, v_cache, block_table, query_start_loc, visible_l
     req = torch.repeat_interleave(torch.arange(B, device=dev), qsl[1:] - qsl[:-1], output_size=T)
     slot = torch.arange(T, device=dev) - qsl[:-1][req]
     qp = torch.zeros(B, Qm, Hq, Dqk, dtype=cd, device=dev)
-    qp[req, slot] = q.to(cd) * scale
+    qp[req, slot] = qs.nan_to_num_(0.0, 0.0, 0.0)  # a non-finite query row: NaN at the end
     qp = qp.view(B, Qm, Hkv, G, Dqk).permute(2, 0, 1, 3, 4).reshape(Hkv, B, Qm * G, Dqk)
     vis = torch.zeros(B, Qm, dtype=torch.int64, device=dev)
     vis[req, slot] = visible_lens.to(torch.int64)
     kv_len = vis.amax(dim=1)  # [B]: local keys any query of the request sees
     # Below min(visible) nothing is masked. Known for free on CPU; elsewhere mask every chunk
     # rather than sync with the host.
-    on_cpu = dev.type == "cpu"
+    on_cpu = dev.type == "cpu" and HOST_CHECKS and host_reads_allowed()
     if min_visible is not None:
         no_mask_below = int(min_visible)
     else:
@@ -93,10 +110,14 @@ def paged_attention(q, k_cache, v_cache, block_table, query_start_loc, visible_l
     m = torch.full((Hkv, B, QG), float("-inf"), dtype=cd, device=dev)
     l = torch.zeros_like(m)
     acc = torch.zeros(Hkv, B, QG, Dv, dtype=cd, device=dev)
+    pv = torch.empty_like(acc)  # one chunk's p @ V, checked before it joins acc
     table = block_table.to(torch.int64)
     n_cols = min(-(-max_kv_len // bs), table.shape[1])
     # Buffers reused by every chunk (fresh large allocations cost page faults on each chunk).
     buf = _Buffers(B * nblk * bs, Hkv, Dqk, Dv, QG, q.dtype, cd, dev, with_v=v_cache is not None)
+    # first local position whose key or value holds a NaN/inf, per request and KV head
+    no_bad = n_cols * bs
+    first_bad = torch.full((B, Hkv), no_bad, dtype=torch.int64, device=dev)
     for b0 in range(0, n_cols, nblk):
         b1 = min(b0 + nblk, n_cols)
         c = (b1 - b0) * bs
@@ -107,21 +128,35 @@ def paged_attention(q, k_cache, v_cache, block_table, query_start_loc, visible_l
         dead = (pos[None, :] >= kv_len[:, None])[:, :, None, None] if masked else None  # [B, c, 1, 1]
         kf = buf.gather(k_cache, ids, "k", B, c, dead)  # [B, c, Hkv, Dqk] compute dtype
         vf = kf[..., :Dv] if v_cache is None else buf.gather(v_cache, ids, "v", B, c, dead)
+        v_sep = vf if v_cache is not None else None  # for MLA, V is a view of K
+        if not on_cpu:  # no host sync: clean every chunk
+            first_bad = torch.minimum(first_bad, _first_nonfinite(kf, v_sep, pos, no_bad))
         s = buf.scores[: Hkv * B * QG * c].view(Hkv, B, QG, c)
-        for h in range(Hkv):
-            torch.bmm(qp[h], kf[:, :, h].transpose(1, 2), out=s[h])
-        if masked:
-            hidden = pos.view(1, 1, -1) >= vis[:, :, None]  # [B, Qm, c]
-            s.view(Hkv, B, Qm, G, c).masked_fill_(hidden[None, :, :, None, :], float("-inf"))
-        m_new = torch.maximum(m, s.amax(dim=-1))
-        m_safe = m_new.masked_fill(torch.isinf(m_new), 0.0)
-        p = torch.exp_(s.sub_(m_safe[..., None]))
-        alpha = torch.exp(m - m_safe)
-        l.mul_(alpha).add_(p.sum(dim=-1))
-        acc.mul_(alpha[..., None])
-        for h in range(Hkv):
-            acc[h].baddbmm_(p[h], vf[:, :, h])
-        m = m_new
+        for check in ((True, False) if on_cpu else (False,)):
+            # On CPU a NaN/inf in K shows in the raw scores of every query slot (padding slots are
+            # zeros: 0 * inf is NaN) and one in V in p @ V (0 * NaN is NaN): two small checks,
+            # no pass over the chunk. Then, and only then, the chunk is cleaned and run again.
+            for h in range(Hkv):
+                torch.bmm(qp[h], kf[:, :, h].transpose(1, 2), out=s[h])
+            if check and not _finite(s):
+                first_bad = torch.minimum(first_bad, _first_nonfinite(kf, v_sep, pos, no_bad))
+                continue
+            if masked:
+                hidden = pos.view(1, 1, -1) >= vis[:, :, None]  # [B, Qm, c]
+                s.view(Hkv, B, Qm, G, c).masked_fill_(hidden[None, :, :, None, :], float("-inf"))
+            m_new = torch.maximum(m, s.amax(dim=-1))
+            m_safe = m_new.masked_fill(torch.isinf(m_new), 0.0)
+            p = torch.exp_(s.sub_(m_safe[..., None]))
+            for h in range(Hkv):
+                torch.bmm(p[h], vf[:, :, h], out=pv[h])
+            if check and not _finite(pv):
+                first_bad = torch.minimum(first_bad, _first_nonfinite(kf, v_sep, pos, no_bad))
+                continue
+            alpha = torch.exp(m - m_safe)
+            l.mul_(alpha).add_(p.sum(dim=-1))
+            acc.mul_(alpha[..., None]).add_(pv)
+            m = m_new
+            break
 
     seen = l > 0
     o = acc / l.masked_fill(~seen, 1.0)[..., None]
@@ -130,7 +165,34 @@ def paged_attention(q, k_cache, v_cache, block_table, query_start_loc, visible_l
     row_lse = row_lse.view(Hkv, B, Qm, G).permute(1, 2, 0, 3).reshape(B, Qm, Hq)
     out.copy_(o[req, slot])
     lse.copy_(row_lse[req, slot])
+    # Poisoned rows -> NaN: the query is not finite, a key or value it sees is not, or (finite but
+    # absurd input) its result overflowed. Rows that see no key stay (0, -inf).
+    t_vis = visible_lens.to(torch.int64)[:, None]  # [T, 1]
+    kv_bad = (t_vis > first_bad[req]).repeat_interleave(G, dim=1)  # [T, Hq]
+    sees = t_vis > 0
+    poisoned = sees & (q_bad | kv_bad | ~torch.isfinite(lse) | ~torch.isfinite(out).all(dim=-1))
+    out.masked_fill_(poisoned[..., None], float("nan"))
+    lse.masked_fill_(poisoned, float("nan"))
     return out, lse
+
+
+def _finite(x: torch.Tensor) -> bool:
+    """Whether ``x`` holds only finite values (one min/max pass; host sync)."""
+    return x.numel() == 0 or bool(torch.isfinite(torch.stack(torch.aminmax(x))).all())
+
+
+def _first_nonfinite(kf: torch.Tensor, vf: torch.Tensor | None, pos: torch.Tensor, none: int) -> torch.Tensor:
+    """``[B, Hkv]``: the first position in ``pos [c]`` whose key or value (``[B, c, Hkv, D]``) is
+    not finite (``none`` where none is); zeroes those values in place, so that masked
+    keys' weight 0 times NaN cannot reach the queries that do not see them."""
+    bad_k = ~torch.isfinite(kf)
+    bad = bad_k.any(dim=-1)  # [B, c, Hkv]
+    kf.masked_fill_(bad_k, 0.0)  # for MLA, V is a view of K: cleaned with it
+    if vf is not None:
+        bad_v = ~torch.isfinite(vf)
+        bad |= bad_v.any(dim=-1)
+        vf.masked_fill_(bad_v, 0.0)
+    return torch.where(bad, pos[None, :, None], none).amin(dim=1)
 
 
 class _Buffers:

@@ -25,6 +25,19 @@ How it stays fast and small:
   run with many tiles (scattered positions) streams them into an accumulator instead. Merging
   runs in float32 for 16-bit inputs and in float64 for float32/float64 inputs, so it adds no
   error visible at the input's precision.
+
+Scale: any finite value. ATen's flash kernel applies its causal mask in a way that assumes a
+positive scale (a negative or zero scale gave NaN or wrong rows), so the flash path folds the
+sign into its head-major copy of ``q`` (``q.k * s == (-q).k * |s|``, exact) and runs a zero scale
+as zero queries with scale 1 (every visible score 0, exact).
+
+NaN and inf are never hidden (:mod:`cpattn.reference`'s rule): one host check of ``q``, ``k``
+and ``v`` per call (the kernel reads ``cu_seqlens`` on the host anyway; a pass over the inputs
+is small next to the attention). When something is not finite the kernel runs on copies with
+those values zeroed (so a masked key's weight 0 times NaN cannot reach a row that does not see
+it) and then writes NaN (``out`` and ``lse``) into every row that sees a key and whose query, or
+the key or value of a key it sees, is not finite. ATen's flash kernel alone would hide some of
+them (a NaN query came out as finite numbers).
 """
 from __future__ import annotations
 
@@ -32,6 +45,7 @@ import math
 
 import torch
 
+from ..hostsync import host_reads_allowed
 from ..positions import default_positions
 
 from .merge import merge as _merge_kernel
@@ -213,14 +227,21 @@ def attention(q, k, v, cu_seqlens_q, cu_seqlens_k, q_positions=None, k_positions
     # merging partials: float32 math for 16-bit inputs (rounded to 16 bits after anyway), float64
     # for float32/float64 inputs, so merging adds no error visible at the input's precision
     acc_dtype = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else torch.float64
+    bad = _nonfinite(q, k, v)  # None when everything is finite (the rule)
+    if bad is not None:
+        q, k, v = (x.nan_to_num(0.0, 0.0, 0.0) for x in (q, k, v))
     if flash:
         # Head-major copies, once per call (about 15% faster tiles than strided token-major views);
         # the ATen kernel wants one head size: zero-pad the narrower side (no score or output changes).
         width = max(dqk, dv)
         qh, kh, vh = (_head_major(x, width, _FLASH_DTYPE.get(q.dtype, q.dtype)) for x in (q, k, v))
+        flash_scale = scale
+        if scale <= 0:  # the ATen kernel's causal mask needs a positive scale: fold the sign into q
+            qh = -qh if scale < 0 else torch.zeros_like(qh)  # never in place: qh may share q's memory
+            flash_scale = -scale if scale < 0 else 1.0
 
         def tile(a, b, c, d, triangle):
-            return _tile_flash(qh[:, a:b], kh[:, c:d], vh[:, c:d], triangle, scale)
+            return _tile_flash(qh[:, a:b], kh[:, c:d], vh[:, c:d], triangle, flash_scale)
     else:
 
         def tile(a, b, c, d, triangle):
@@ -261,4 +282,41 @@ def attention(q, k, v, cu_seqlens_q, cu_seqlens_k, q_positions=None, k_positions
             out[r0:r1] = acc
             lse[r0:r1] = acc_lse
     _fill_uncovered(out, lse, covered, cu_q)
+    _poison(out, lse, bad, cu_q, cu_k, q_positions if causal else None, k_positions if causal else None)
     return out, lse
+
+
+def _nonfinite(q, k, v):
+    """``(q_bad [Tq, Hq], kv_bad [Tk, Hkv])`` marking rows with a NaN/inf, or None when all is finite."""
+    if host_reads_allowed() and all(bool(torch.isfinite(x).all()) for x in (q, k, v)):
+        return None  # inside a plan's run() no host read: always the masks (and cleaned copies)
+    return ~torch.isfinite(q).all(dim=-1), ~(torch.isfinite(k).all(dim=-1) & torch.isfinite(v).all(dim=-1))
+
+
+def _poison(out, lse, bad, cu_q: list[int], cu_k: list[int], q_pos, k_pos) -> None:
+    """NaN into the rows that see a key and whose query, or the key/value of a key they see, is
+    not finite (``bad`` from :func:`_nonfinite`), and into any row that sees a key but came out
+    non-finite (finite but absurd inputs). A query at position ``p`` sees the keys of its sequence
+    at positions ``<= p`` (causal) or all of them (``q_pos``/``k_pos`` None)."""
+    sees = ~torch.isneginf(lse)  # the kernel ran on finite inputs: -inf exactly where no key is seen
+    poisoned = sees & ~(torch.isfinite(lse) & torch.isfinite(out).all(dim=-1))
+    if bad is not None:
+        q_bad, kv_bad = bad
+        hq, hkv = q_bad.shape[1], kv_bad.shape[1]
+        nq, nk = cu_q[-1], cu_k[-1]
+        dev = out.device
+        lens_q = torch.tensor([b - a for a, b in zip(cu_q, cu_q[1:])], device=dev)
+        lens_k = torch.tensor([b - a for a, b in zip(cu_k, cu_k[1:])], device=dev)
+        seq_q = torch.repeat_interleave(torch.arange(len(lens_q), device=dev), lens_q, output_size=nq)
+        seq_k = torch.repeat_interleave(torch.arange(len(lens_k), device=dev), lens_k, output_size=nk)
+        kp = torch.zeros(nk, dtype=torch.int64, device=dev) if k_pos is None else k_pos[:nk].to(device=dev, dtype=torch.int64)
+        qp = torch.zeros(nq, dtype=torch.int64, device=dev) if q_pos is None else q_pos[:nq].to(device=dev, dtype=torch.int64)
+        none = torch.iinfo(torch.int64).max
+        # smallest position of a non-finite key/value, per sequence and KV head
+        at = torch.where(kv_bad[:nk], kp[:, None], none)  # [nk, Hkv]
+        first = torch.full((len(lens_k), hkv), none, dtype=torch.int64, device=dev)
+        first.scatter_reduce_(0, seq_k[:, None].expand(nk, hkv), at, "amin")
+        sees_bad = (qp[:, None] >= first[seq_q]).repeat_interleave(hq // hkv, dim=1)  # [nq, Hq]
+        poisoned[:nq] |= sees[:nq] & (q_bad[:nq] | sees_bad)
+    out.masked_fill_(poisoned[..., None], float("nan"))
+    lse.masked_fill_(poisoned, float("nan"))

@@ -13,6 +13,8 @@ An input whose LSE is ``-inf``, ``+inf`` or NaN gets weight 0 and its ``out`` ro
 select after the load, so garbage or NaN under an empty LSE cannot leak into the result. Every
 load is masked by the rectangle of valid rows and columns of its tile (never by a per-row
 bound), which triton-ascend lowers to a bounded copy: nothing past the tensors is read.
+With ``nan_propagate`` (DCP/PCP's internal strict rule) a NaN or ``+inf`` input LSE makes the
+row NaN.
 """
 from __future__ import annotations
 
@@ -38,7 +40,7 @@ def _merge_kernel(
     lse_first_ptr, lse_rest_ptr, lse_stride_n, lse_stride_row,
     out_ptr, out_stride_row, out_lse_ptr,
     rows, D, N_REST,
-    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, NAN_PROPAGATE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -69,7 +71,15 @@ def _merge_kernel(
         # Empty rows (total 0) get weight 0 below; dividing (one rounding), not multiplying by a
         # rounded reciprocal, keeps float32 results within 2x of plain PyTorch's error.
         safe_total = tl.where(total > 0, total, float("inf"))
-        tl.store(out_lse_ptr + row0_64 + r_offs, m + tl.log(total), mask=rm)
+        # strict mode (DCP/PCP partials): an input LSE of NaN or +inf makes the row NaN
+        poison = r_offs < 0
+        if NAN_PROPAGATE:
+            lr = tl.load(lse0, mask=rm, other=0.0).to(tl.float32)
+            poison = (lr != lr) | (lr == float("inf"))
+            for i in range(0, N_REST):
+                lr = tl.load(lse_rest + tl.cast(i, tl.int64) * lse_stride_n, mask=rm, other=0.0).to(tl.float32)
+                poison = poison | (lr != lr) | (lr == float("inf"))
+        tl.store(out_lse_ptr + row0_64 + r_offs, tl.where(poison, float("nan"), m + tl.log(total)), mask=rm)
         f0 = tl.exp(l0 - m) / safe_total
         use0 = f0 > 0  # weight 0 (empty, or a padding row): its values are dropped, NaN included
         src0 = first_ptr + row0_64 * stride_row + r_offs[:, None] * stride_row
@@ -85,7 +95,9 @@ def _merge_kernel(
                 fi = tl.exp(li - m) / safe_total
                 x = tl.load(rest_rows + tl.cast(i, tl.int64) * stride_n + d[None, :], mask=rect, other=0.0)
                 acc += tl.where(fi[:, None] > 0, x.to(tl.float32) * fi[:, None], 0.0)
+            acc = tl.where(poison[:, None], float("nan"), acc)
             tl.store(dst + d[None, :], acc.to(out_ptr.dtype.element_ty), mask=rect)
+
 
 def _rows(t: torch.Tensor, rows: int, D: int) -> torch.Tensor:
     """``t`` as ``[rows, D]`` with unit stride on D (a view when possible, else a copy)."""
@@ -112,7 +124,9 @@ def _as_first_rest(ts: list[torch.Tensor], rows: int, D: int):
     return stacked[0], stacked[1], stacked.stride(0), n - 1, [stacked]
 
 
-def merge(outs: list[torch.Tensor], lses: list[torch.Tensor], out: torch.Tensor, out_lse: torch.Tensor) -> None:
+def merge(outs: list[torch.Tensor], lses: list[torch.Tensor], out: torch.Tensor, out_lse: torch.Tensor,
+          nan_propagate: bool = False) -> None:
+    """The ``merge`` kernel; ``nan_propagate``: the strict rule of DCP/PCP (registry docstring)."""
     D = out.shape[-1]
     rows = out_lse.numel()
     if rows == 0:
@@ -130,6 +144,7 @@ def merge(outs: list[torch.Tensor], lses: list[torch.Tensor], out: torch.Tensor,
         target, target.stride(0) if rows > 1 else 0, lse_target,
         rows, D, n_rest,
         **blocks,
+        NAN_PROPAGATE=bool(nan_propagate),
     )
     del keep, keep_l  # the kernel has been launched on the current stream; safe to release
     if not out.is_contiguous():
