@@ -25,6 +25,7 @@ import math
 import torch
 
 from ..positions import default_positions
+from .. import strict
 from ..registry import Backend
 from . import _ext
 
@@ -63,7 +64,7 @@ def _check_merge(outs, lses, out, out_lse) -> list[str]:
     reasons = _common({}, out.dtype)
     if any(l.dtype != torch.float32 for l in lses) or out_lse.dtype != torch.float32:
         reasons.append("LSEs must be float32 (the kernel's LSE contract)")
-    if any(o.dtype != out.dtype and not _widens(o.dtype, out.dtype) for o in outs):
+    if any(o.dtype != out.dtype and not strict.widens(o.dtype, out.dtype) for o in outs):
         reasons.append(f"partials must be {out.dtype} like out, or 16-bit into a float32 out (the kernel reads "
                        "one dtype; rounding a partial down before merging would lose precision)")
     if out.shape[-1] == 0:
@@ -78,17 +79,19 @@ def _check_merge(outs, lses, out, out_lse) -> list[str]:
                         [l.reshape(-1) for l in lses], out.view(-1, d), out_lse.view(-1))
 
 
-def _widens(src: torch.dtype, dst: torch.dtype) -> bool:
-    return dst == torch.float32 and src in (torch.float16, torch.bfloat16)
 
 
-def merge(outs, lses, out, out_lse) -> None:
+def merge(outs, lses, out, out_lse, nan_propagate=False) -> None:
     """16-bit partials merged into a float32 ``out`` (PCP's ring accumulator) are widened first
-    (exact); the kernel then reads one dtype."""
+    (exact); the kernel then reads one dtype. ``nan_propagate``: the strict rule of DCP/PCP
+    (:mod:`cpattn.backends.strict`), applied around the kernel."""
     d = out.shape[-1]
-    rows = [(o if o.dtype == out.dtype else o.to(out.dtype)).reshape(-1, d) for o in outs]
+    bad = strict.poisoned_rows(lses) if nan_propagate else None
+    rows = [o.reshape(-1, d) for o in strict.widen_partials(outs, out.dtype)]
     rl = [l.reshape(-1) for l in lses]
     torch.ops.cpattn.ascendc_merge_attn_states(rows, rl, out.view(-1, d), out_lse.view(-1))
+    if bad is not None:
+        strict.poison(out, out_lse, bad)
 
 
 def _check_paged(q, k_cache, v_cache, block_table, query_start_loc, visible_lens, scale, v_head_dim,
