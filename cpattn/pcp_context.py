@@ -80,15 +80,20 @@ def check_caches(op: str, ctx, q, k, v) -> None:
                          f"so Dv must be <= Dqk={k.shape[2]}")
 
 
-def validate(op: str, ctx: PcpContext, q, k, v, num_seqs: int) -> tuple[int, ...]:
-    """Local checks of the context against the prompt; returns ``context_lens`` as ints."""
-    check_caches(op, ctx, q, k, v)
+def _check_tables(op: str, ctx: PcpContext, num_seqs: int) -> None:
+    """``block_table`` and ``context_lens``: index tensors with one row per sequence."""
     V.tensor(op, "context.block_table", ctx.block_table, dim=2, dtypes=V.INDEX_DTYPES)
     V.tensor(op, "context.context_lens", ctx.context_lens, dim=1, dtypes=V.INDEX_DTYPES)
     for name, t in (("block_table", ctx.block_table), ("context_lens", ctx.context_lens)):
         if t.shape[0] != num_seqs:
             raise ValueError(f"{op}: context.{name} must have one row per sequence of cu_seqlens ({num_seqs}); "
                              f"got {t.shape[0]}")
+
+
+def validate(op: str, ctx: PcpContext, q, k, v, num_seqs: int) -> tuple[int, ...]:
+    """Local checks of the context against the prompt; returns ``context_lens`` as ints."""
+    check_caches(op, ctx, q, k, v)
+    _check_tables(op, ctx, num_seqs)
     lens = tuple(int(x) for x in ctx.context_lens.tolist())
     if any(x < 0 for x in lens):
         raise ValueError(f"{op}: context.context_lens must be >= 0; got {list(lens)[:16]}")
@@ -110,12 +115,8 @@ def validate_static(op: str, ctx, num_seqs: int) -> tuple[int, ...]:
         t = getattr(ctx, name)
         if t is not None and t.device.type == "meta":
             raise ValueError(f"{op}: context.{name} is on the 'meta' device; pass the real cache")
-    V.tensor(op, "context.block_table", ctx.block_table, dim=2, dtypes=V.INDEX_DTYPES)
-    V.tensor(op, "context.context_lens", ctx.context_lens, dim=1, dtypes=V.INDEX_DTYPES)
+    _check_tables(op, ctx, num_seqs)
     for name, t in (("block_table", ctx.block_table), ("context_lens", ctx.context_lens)):
-        if t.shape[0] != num_seqs:
-            raise ValueError(f"{op}: context.{name} must have one row per sequence of cu_seqlens ({num_seqs}); "
-                             f"got {t.shape[0]}")
         if t.device.type == "meta":
             raise ValueError(f"{op}: context.{name} is on the 'meta' device: the plan needs its values")
     lens = tuple(int(x) for x in ctx.context_lens.tolist())

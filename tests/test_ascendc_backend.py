@@ -53,8 +53,10 @@ def test_kernel_limits_are_reasons():
     acc = torch.randn(3, 2, 8)
     r = A._check_merge([acc, acc.to(torch.bfloat16)], [l, l], acc, l)  # PCP's ring accumulator step: widened
     assert not any("like out" in x for x in r)
-    r = A._check_merge([acc, acc.to(torch.bfloat16)], [l, l], acc.to(torch.bfloat16), l)  # would round down
-    assert any("like out" in x for x in r)
+    r = A._check_merge([acc, acc.to(torch.bfloat16)], [l, l], acc.to(torch.bfloat16), l)  # merged in float32
+    assert not any("float32, float16 or bfloat16" in x for x in r)
+    r = A._check_merge([acc, acc.double()], [l, l], acc, l)
+    assert any("float32, float16 or bfloat16" in x for x in r)
     q = torch.randn(4, 2, 8, dtype=torch.float16)
     k = torch.randn(4, 2, 8, dtype=torch.float32)
     r = A._check_varlen(q, k, k, None, None)

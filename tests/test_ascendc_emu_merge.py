@@ -167,3 +167,32 @@ def test_never_chosen_automatically():
 def test_emulation_errors_are_python_exceptions(ext):
     assert issubclass(ext.EmulationError, RuntimeError)
     assert ext.KERNELS and "merge_attn_states" in ext.KERNELS
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_mixed_dtypes_and_strict_rule_around_the_kernel(ext, out_dtype):
+    """The ring's merges: a float32 accumulator with a bfloat16 partial (merged in float32, rounded
+    once into ``out``), and DCP/PCP's strict rule (a NaN/+inf input LSE makes the row NaN) applied
+    around the one-dtype kernel; equal to the PyTorch kernel's strict merge."""
+    from cpattn.backends import select
+
+
+    g = torch.Generator().manual_seed(3)
+    acc = torch.randn(5, 3, 24, generator=g)
+    part = torch.randn(5, 3, 24, generator=g).to(torch.bfloat16)
+    la, lp = torch.randn(5, 3, generator=g), torch.randn(5, 3, generator=g)
+    la[1, 2], lp[3, 0], lp[4, 1] = float("nan"), float("inf"), float("-inf")
+    res = {}
+    for name in ("ascendc_emu", "pytorch"):
+        out = torch.empty(5, 3, 24, dtype=out_dtype)
+        lse = torch.empty(5, 3)
+        inputs = dict(outs=[acc, part], lses=[la, lp], out=out, out_lse=lse)
+        select("merge", name, inputs).run("merge", **inputs, nan_propagate=True)
+        res[name] = (out.float(), lse)
+    (o, l), (ro, rl) = res["ascendc_emu"], res["pytorch"]
+    assert torch.isnan(l[1, 2]) and torch.isnan(l[3, 0]) and torch.isnan(o[1, 2]).all() and torch.isnan(o[3, 0]).all()
+    assert torch.equal(torch.isnan(l), torch.isnan(rl)) and torch.equal(torch.isnan(o), torch.isnan(ro))
+    fin = ~torch.isnan(rl)
+    tol = 1e-5 if out_dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(l[fin], rl[fin], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(o[fin], ro[fin], atol=tol, rtol=tol)

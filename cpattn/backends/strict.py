@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["poisoned_rows", "poison", "widen_partials"]
+__all__ = ["poisoned_rows", "poison", "merge_one_dtype", "ONE_DTYPE"]
 
 
 def poisoned_rows(lses: list[torch.Tensor]) -> torch.Tensor:
@@ -29,12 +29,27 @@ def poison(out: torch.Tensor, out_lse: torch.Tensor | None, bad: torch.Tensor) -
         out_lse.masked_fill_(bad, float("nan"))
 
 
-def widen_partials(outs: list[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
-    """16-bit partials merged into a float32 ``out`` (PCP's ring accumulator) as float32 copies:
-    exact, so a kernel that reads one dtype can merge them."""
-    return [o if o.dtype == dtype else o.to(dtype) for o in outs]
+ONE_DTYPE = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def widens(src: torch.dtype, dst: torch.dtype) -> bool:
-    """Whether :func:`widen_partials` makes a ``src`` partial readable as ``dst``."""
-    return src == dst or (dst == torch.float32 and src in (torch.float16, torch.bfloat16))
+def merge_one_dtype(kernel, outs, lses, out, out_lse, nan_propagate: bool = False) -> None:
+    """Run ``kernel(outs, lses, out, out_lse)`` (a merge kernel that reads one dtype and knows only
+    the public rule) for partials of mixed float32/16-bit dtypes and for the strict rule.
+
+    Partials whose dtype differs from ``out``'s (the PCP ring merges 16-bit partials with its float32
+    accumulator) are merged in float32: every partial widened (exact), into a float32 ``out`` when
+    ``out`` is 16-bit, rounded once at the end. ``nan_propagate``: :func:`poisoned_rows` taken
+    before the kernel writes (``out``/``out_lse`` may alias input 0), :func:`poison` after."""
+    bad = poisoned_rows(list(lses)) if nan_propagate else None
+    if all(o.dtype == out.dtype for o in outs):
+        kernel(list(outs), list(lses), out, out_lse)
+    else:
+        wide = [o.to(torch.float32) for o in outs]  # copies: out may alias one of them
+        if out.dtype == torch.float32:
+            kernel(wide, list(lses), out, out_lse)
+        else:
+            tmp = torch.empty(out.shape, dtype=torch.float32, device=out.device)
+            kernel(wide, list(lses), tmp, out_lse)
+            out.copy_(tmp)
+    if bad is not None:
+        poison(out, out_lse, bad)

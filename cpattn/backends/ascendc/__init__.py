@@ -64,9 +64,8 @@ def _check_merge(outs, lses, out, out_lse) -> list[str]:
     reasons = _common({}, out.dtype)
     if any(l.dtype != torch.float32 for l in lses) or out_lse.dtype != torch.float32:
         reasons.append("LSEs must be float32 (the kernel's LSE contract)")
-    if any(o.dtype != out.dtype and not strict.widens(o.dtype, out.dtype) for o in outs):
-        reasons.append(f"partials must be {out.dtype} like out, or 16-bit into a float32 out (the kernel reads "
-                       "one dtype; rounding a partial down before merging would lose precision)")
+    if any(o.dtype not in strict.ONE_DTYPE for o in outs):
+        reasons.append("partials must be float32, float16 or bfloat16 (mixed dtypes are merged in float32)")
     if out.shape[-1] == 0:
         reasons.append("head dim 0")
     if not (out.is_contiguous() and out_lse.is_contiguous()):
@@ -82,16 +81,16 @@ def _check_merge(outs, lses, out, out_lse) -> list[str]:
 
 
 def merge(outs, lses, out, out_lse, nan_propagate=False) -> None:
-    """16-bit partials merged into a float32 ``out`` (PCP's ring accumulator) are widened first
-    (exact); the kernel then reads one dtype. ``nan_propagate``: the strict rule of DCP/PCP
-    (:mod:`cpattn.backends.strict`), applied around the kernel."""
+    """The kernel reads one dtype: partials of mixed dtypes (the PCP ring's float32 accumulator
+    with 16-bit partials) are merged in float32 (:func:`cpattn.backends.strict.merge_one_dtype`);
+    ``nan_propagate``: the strict rule of DCP/PCP, applied around the kernel."""
     d = out.shape[-1]
-    bad = strict.poisoned_rows(lses) if nan_propagate else None
-    rows = [o.reshape(-1, d) for o in strict.widen_partials(outs, out.dtype)]
-    rl = [l.reshape(-1) for l in lses]
-    torch.ops.cpattn.ascendc_merge_attn_states(rows, rl, out.view(-1, d), out_lse.view(-1))
-    if bad is not None:
-        strict.poison(out, out_lse, bad)
+
+    def kernel(rows, rl, o, ol):
+        torch.ops.cpattn.ascendc_merge_attn_states([r.reshape(-1, d) for r in rows], [l.reshape(-1) for l in rl],
+                                                   o.view(-1, d), ol.view(-1))
+
+    strict.merge_one_dtype(kernel, outs, lses, out, out_lse, nan_propagate)
 
 
 def _check_paged(q, k_cache, v_cache, block_table, query_start_loc, visible_lens, scale, v_head_dim,

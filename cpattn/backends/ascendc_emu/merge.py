@@ -24,9 +24,8 @@ def check(outs, lses, out, out_lse) -> list[str]:
         reasons.append("LSEs must be float32")
     if out_lse is not None and out_lse.dtype != torch.float32:
         reasons.append("out_lse must be float32")
-    if any(not strict.widens(o.dtype, out.dtype) for o in outs):
-        reasons.append(f"partials must be {out.dtype} like out, or 16-bit into a float32 out (the kernel reads one "
-                       "dtype; rounding a partial down before merging would lose precision)")
+    if any(o.dtype not in strict.ONE_DTYPE for o in outs):
+        reasons.append("partials must be float32, float16 or bfloat16 (mixed dtypes are merged in float32)")
     if reasons:
         return reasons
     d = out.shape[-1] if out.dim() else 0
@@ -36,10 +35,9 @@ def check(outs, lses, out, out_lse) -> list[str]:
 
 def merge(outs, lses, out, out_lse, nan_propagate=False) -> None:
     """The registry's ``merge`` contract: writes ``out`` and ``out_lse`` (``out`` may be an input).
-    16-bit partials merged into a float32 ``out`` (PCP's ring accumulator) are widened first
-    (exact); ``nan_propagate``: the strict rule of DCP/PCP (:mod:`cpattn.backends.strict`),
-    applied around the kernel."""
-    bad = strict.poisoned_rows(list(lses)) if nan_propagate else None
-    _build.load().merge_attn_states(strict.widen_partials(list(outs), out.dtype), list(lses), out, out_lse, _cores())
-    if bad is not None:
-        strict.poison(out, out_lse, bad)
+    The kernel reads one dtype: partials of mixed dtypes (the PCP ring's float32 accumulator with
+    16-bit partials) are merged in float32 (:func:`cpattn.backends.strict.merge_one_dtype`);
+    ``nan_propagate``: the strict rule of DCP/PCP, applied around the kernel."""
+    ext = _build.load()
+    strict.merge_one_dtype(lambda o, l, to, tl: ext.merge_attn_states(o, l, to, tl, _cores()),
+                           outs, lses, out, out_lse, nan_propagate)
