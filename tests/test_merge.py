@@ -413,7 +413,15 @@ def test_strided_but_distinct_output_buffers_are_accepted():
     assert torch.equal(got[0], exp[0]) and torch.equal(got[1], exp[1])
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+def test_meta_inputs_on_a_cpu_only_backend_are_a_clear_refusal():
+    """ascendc_emu runs the AscendC kernels on CPU memory only: 'meta' inputs are refused with the
+    backend's reason (never an overlap report, never a crash in the extension)."""
+    a, la, b, lb = (x.to("meta") for x in _ok())
+    with pytest.raises(cpattn.BackendError, match="not on 'meta' tensors"):
+        cpattn.merge_attn_states(a, la, b, lb, backend="ascendc_emu")
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "ascendc_emu"])
 def test_meta_inputs_give_shape_only_result(backend):
     """Eager merges on 'meta' tensors (no storage) used to report an overlap: every meta tensor
     has data_ptr 0. They now return meta outputs of the right shapes and dtypes."""
