@@ -62,7 +62,7 @@ def _local_cache(shape: dict, context: int, batch: int, world: int, rank: int, b
     return k, v, table, n
 
 
-def _median_time(fn, iters: int, sync=None) -> float:
+def _times(fn, iters: int, sync=None) -> list[float]:
     times = []
     for _ in range(iters):
         if sync:
@@ -70,18 +70,15 @@ def _median_time(fn, iters: int, sync=None) -> float:
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return times
+
+
+def _median_time(fn, iters: int, sync=None) -> float:
+    return statistics.median(_times(fn, iters, sync))
 
 
 def _best_time(fn, iters: int, sync=None) -> float:
-    times = []
-    for _ in range(iters):
-        if sync:
-            sync()
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+    return min(_times(fn, iters, sync))
 
 
 def bench_rank(shape_name: str, context: int, batch: int, dtype_name: str, bs: int, iters: int,
