@@ -19,10 +19,18 @@ from hypothesis import strategies as st
 import cpattn
 from cpattn import layout, reference
 from conftest import examples
-from tolerance import assert_close
+from tolerance import assert_close, plain_attention
 
 DT = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 NAN = float("nan")
+
+
+# _PLAIN: the plain PyTorch baseline of the tolerance rule is taken in two summation orders (each
+# sequence's keys as given and reversed; cpattn.testing.tolerance.plain_attention), as for the
+# Triton kernels: one plain float32 draw's max error is noisy, and the kernels' float32 error,
+# though smaller than plain float32's on average, then exceeds 2x an unusually lucky draw now and
+# then. Measured (150 seeded float32 paged draws with 20-45 keys): kernel mean max error 1.74 ulp,
+# plain 2.49 ulp; docs/ascendc.md ("Precision") has the whole investigation.
 
 
 def _emu():
@@ -103,13 +111,13 @@ def check_paged(c):
     out, lse = _emu().run("paged_attention", **kw)
     dt = DT[c["dtype"]]
     ro, rl = reference.attention(kw["q"], kk, vv, **okw)
-    bo, bl = reference.attention(kw["q"], kk, vv, **okw, dtype=dt)
+    bo, bl = plain_attention(kw["q"], kk, vv, **okw, dtype=dt)  # two summation orders: see _PLAIN
     assert out.dtype == dt and lse.dtype == torch.float32
     assert out.shape == (kw["q"].shape[0], kw["q"].shape[1], c["dv"]) and lse.shape == out.shape[:2]
     empty = kw["visible_lens"] == 0
     assert torch.equal(torch.isneginf(lse), empty[:, None].expand_as(lse)), "exactly the rows with no key are -inf"
     assert bool((out[empty] == 0).all()), "rows with no key are exactly 0"
-    assert_close(out, ro, bo.to(dt), dtype=dt)
+    assert_close(out, ro, bo, dtype=dt)
     assert_close(lse, rl, bl, dtype=torch.float32, what="lse")
 
 
@@ -234,11 +242,11 @@ def test_emu_varlen_prefill_matches_oracle(c):
     out, lse = _emu().run("attention", q=q, k=k, v=v, **kw)
     dt = DT[c["dtype"]]
     ro, rl = reference.attention(q, k, v, **kw)
-    bo, bl = reference.attention(q, k, v, **kw, dtype=dt)
+    bo, bl = plain_attention(q, k, v, **kw, dtype=dt)  # two summation orders: see _PLAIN
     assert out.dtype == dt and lse.dtype == torch.float32 and out.shape == (q.shape[0], c["hq"], c["dv"])
     assert torch.equal(torch.isneginf(lse), torch.isneginf(rl)), "exactly the rows that see no key are -inf"
     assert bool((out[torch.isneginf(lse)] == 0).all())
-    assert_close(out, ro, bo.to(dt), dtype=dt)
+    assert_close(out, ro, bo, dtype=dt)
     assert_close(lse, rl, bl, dtype=torch.float32, what="lse")
 
 

@@ -12,7 +12,7 @@ from hypothesis import given, settings, strategies as st
 import cpattn
 from cpattn import reference
 from conftest import examples
-from tolerance import assert_close
+from tolerance import assert_close, plain_attention
 
 triton = pytest.importorskip("triton", reason="the triton package is not installed (pip install cpattn[triton])")
 
@@ -210,24 +210,9 @@ def test_varlen_kernel_matches_reference(seed, lens, hkv, group, dims, dtype, ca
     # plain PyTorch at the same precision in two summation orders (keys as given, and each
     # sequence's keys reversed): the rule takes the larger error, not one lucky draw (issue 11
     # item 12; see cpattn.testing.tolerance)
-    bo, bl = reference.attention(q, k, v, **kw, dtype=dtype)
-    q2, k2, v2, kw2 = _keys_reversed(q, k, v, kw)
-    ro2, rl2 = reference.attention(q2, k2, v2, **kw2, dtype=dtype)
-    assert_close(out.cpu(), ro, [bo.to(dtype), ro2.to(dtype)], dtype=dtype)
-    assert_close(lse.cpu(), rl, [bl, rl2], dtype=torch.float32, what="lse")
-
-
-def _keys_reversed(q, k, v, kw):
-    """The same attention with each sequence's keys stored in reverse order (positions move with
-    their keys), as ``(q, k, v, kw)``: equal in exact arithmetic, rounded differently."""
-    from cpattn.backends.positions import default_positions
-
-    cu_q, cu_k = [int(x) for x in kw["cu_seqlens_q"]], [int(x) for x in kw["cu_seqlens_k"]]
-    idx = torch.cat([torch.arange(b - 1, a - 1, -1) for a, b in zip(cu_k[:-1], cu_k[1:])] + [torch.zeros(0, dtype=torch.int64)])
-    dq, dk = default_positions(cu_q, cu_k, "cpu")
-    qp = kw.get("q_positions", dq)
-    kp = kw.get("k_positions", dk)
-    return q, k[idx], v[idx], {**kw, "q_positions": qp, "k_positions": kp[idx]}
+    bo, bl = plain_attention(q, k, v, **kw, dtype=dtype)
+    assert_close(out.cpu(), ro, bo, dtype=dtype)
+    assert_close(lse.cpu(), rl, bl, dtype=torch.float32, what="lse")
 
 
 @pytest.mark.distributed

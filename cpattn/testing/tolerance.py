@@ -15,6 +15,11 @@ plain error). ``baseline`` may therefore be a sequence of plain computations at 
 precision that differ only in summation order (e.g. the keys of each sequence reversed): the
 plain error is the largest of theirs. The factor and the floor stay as they are.
 
+:func:`plain_attention` builds that pair of baselines for varlen attention (what the Triton and
+the AscendC attention kernels are judged by): ``cpattn.reference.attention`` at the input's
+precision with each sequence's keys as given and reversed (positions move with their keys, so
+the two are equal in exact arithmetic).
+
 Used by the test suite (tests/tolerance.py re-exports it) and by the device check
 (bench/device_check.py), so both judge results by the same rule.
 """
@@ -22,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["ulp_floor", "max_err", "compare", "assert_close"]
+__all__ = ["ulp_floor", "max_err", "compare", "assert_close", "plain_attention"]
 
 
 def ulp_floor(ref: torch.Tensor, dtype: torch.dtype) -> float:
@@ -64,3 +69,27 @@ def assert_close(got: torch.Tensor, ref: torch.Tensor, baseline, *, dtype: torch
     c = compare(got, ref, baseline, dtype=dtype, factor=factor)
     assert c["ok"], (f"{what}: max error {c['err']:.3e} > {c['tol']:.3e} "
                      f"({factor}x plain {dtype} error {c['plain_err']:.3e})")
+
+
+def plain_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, dtype: torch.dtype,
+                    **kw) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Plain ``cpattn.reference.attention(q, k, v, **kw, dtype=dtype)`` in two summation orders:
+    each sequence's keys (``kw["cu_seqlens_k"]``) as given, then reversed with their positions.
+    Returns ``([out, out_reversed], [lse, lse_reversed])``, outputs in ``dtype`` and LSEs as the
+    reference gives them: the ``baseline`` lists for :func:`assert_close`."""
+    from cpattn import reference
+    from cpattn.backends.positions import default_positions
+
+    cu_q = [int(x) for x in kw["cu_seqlens_q"]]
+    cu_k = [int(x) for x in kw["cu_seqlens_k"]]
+    idx = torch.cat([torch.arange(b - 1, a - 1, -1) for a, b in zip(cu_k[:-1], cu_k[1:])]
+                    + [torch.zeros(0, dtype=torch.int64)])
+    dq, dk = default_positions(cu_q, cu_k, "cpu")
+    kp = kw.get("k_positions")
+    kw2 = {**kw, "q_positions": kw.get("q_positions", dq), "k_positions": (dk if kp is None else kp.cpu())[idx]}
+    outs, lses = [], []
+    for kk, vv, a in ((k, v, kw), (k[idx], v[idx], kw2)):
+        o, lse = reference.attention(q, kk, vv, **a, dtype=dtype)
+        outs.append(o.to(dtype))
+        lses.append(lse)
+    return outs, lses
