@@ -7,18 +7,11 @@ extern "C" void merge_attn_states(uint8_t* outPtrs, uint8_t* lsePtrs, uint8_t* o
 
 namespace {
 
-int dtype_code(const at::Tensor& t) {
-    switch (t.scalar_type()) {
-        case at::kFloat: return cpattn::ascendc::kFloat32;
-        case at::kHalf: return cpattn::ascendc::kFloat16;
-        case at::kBFloat16: return cpattn::ascendc::kBFloat16;
-        default: return -1;
-    }
-}
+using emu::dtype_code;
 
 // Why the kernel cannot merge N inputs of this shape ("" if it can).
 std::string check(int64_t rows, int64_t n, int64_t d, const std::string& dtype, int64_t cores) {
-    int code = dtype == "float32" ? 0 : dtype == "float16" ? 1 : dtype == "bfloat16" ? 2 : -1;
+    const int code = dtype_code(dtype);
     if (code < 0) return "dtype " + dtype + " not supported (float32/float16/bfloat16)";
     if (n < 1 || n > 0xffffffffLL || d < 0 || d > 0xffffffffLL) return "N or D out of range";
     MergeAttnStatesTiling t;

@@ -8,19 +8,8 @@ extern "C" void varlen_prefill(uint8_t* q, uint8_t* k, uint8_t* v, uint8_t* cuSe
 
 namespace {
 
-int dtype_code(const std::string& dtype) {
-    return dtype == "float32" ? 0 : dtype == "float16" ? 1 : dtype == "bfloat16" ? 2 : -1;
-}
-int dtype_code(const at::Tensor& t) {
-    switch (t.scalar_type()) {
-        case at::kFloat: return 0;
-        case at::kHalf: return 1;
-        case at::kBFloat16: return 2;
-        default: return -1;
-    }
-}
-
-bool fits_u32(int64_t x) { return x >= 0 && x <= 0xffffffffLL; }
+using emu::dtype_code;
+using emu::fits_u32;
 
 std::string tiling_for(int code, int64_t tq, int64_t tk, int64_t B, int64_t hq, int64_t hkv, int64_t dqk, int64_t dv,
                        int64_t max_q, int64_t ks_t, int64_t ks_h, int64_t vs_t, int64_t vs_h, bool causal, double scale,

@@ -42,6 +42,24 @@ inline Buffer buffer(const at::Tensor& t, const std::string& name, bool writable
     return Buffer{t.data_ptr(), size_t(t.numel()) * t.element_size(), name, writable};
 }
 
+// The kernels' tiling dtype code of a tensor (0 float32, 1 float16, 2 bfloat16, as every tiling
+// struct in csrc/ascendc/kernels/ numbers them), or -1 for a dtype no kernel takes.
+inline int dtype_code(const at::Tensor& t) {
+    switch (t.scalar_type()) {
+        case at::kFloat: return 0;
+        case at::kHalf: return 1;
+        case at::kBFloat16: return 2;
+        default: return -1;
+    }
+}
+// The same from a dtype's name ("float32", "float16", "bfloat16").
+inline int dtype_code(const std::string& dtype) {
+    return dtype == "float32" ? 0 : dtype == "float16" ? 1 : dtype == "bfloat16" ? 2 : -1;
+}
+
+// Whether a size fits a 32-bit field of a tiling struct.
+inline bool fits_u32(int64_t x) { return x >= 0 && x <= 0xffffffffLL; }
+
 }  // namespace emu
 
 #define CPATTN_EMU_BINDING(NAME, FN) static ::emu::Registrar cpattn_emu_registrar_##NAME(#NAME, FN)

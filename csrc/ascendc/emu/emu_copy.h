@@ -51,6 +51,18 @@ inline void check_pos(int buf, const char* api) {
         emu::fail(emu::rule::COPY_PAD, emu::cat(api, ": the local tensor must be VECIN or VECOUT on Atlas A2 (GM <-> VECCALC "
                                                      "is only on Ascend 950)"));
 }
+
+// The count form's checks (both directions): the byte count of `count` elements, a multiple of
+// 32, within the local tensor of `localSize` elements.
+inline size_t count_copy_bytes(const char* api, uint32_t count, size_t elemSize, size_t localSize) {
+    const size_t bytes = size_t(count) * elemSize;
+    if (bytes % emu::BLOCK)
+        emu::fail(emu::rule::COPY_ALIGN, emu::cat(api, ": ", count, " elements = ", bytes,
+                                                  " bytes, not a multiple of 32 (the NPU silently copies only ",
+                                                  bytes / 32 * 32, "); use DataCopyPad"));
+    if (count > localSize) emu::fail(emu::rule::UB_BOUNDS, emu::cat(api, ": ", count, " elements beyond the local tensor"));
+    return bytes;
+}
 }  // namespace detail
 
 // ---- DataCopy, count form: count * sizeof(T) must be a multiple of 32 bytes (the NPU rounds
@@ -58,12 +70,7 @@ inline void check_pos(int buf, const char* api) {
 template <typename T>
 void DataCopy(const LocalTensor<T>& dst, const GlobalTensor<T>& src, uint32_t count) {
     const char* api = "DataCopy(GM->UB)";
-    size_t bytes = size_t(count) * sizeof(T);
-    if (bytes % emu::BLOCK)
-        emu::fail(emu::rule::COPY_ALIGN, emu::cat(api, ": ", count, " elements = ", bytes,
-                                                  " bytes, not a multiple of 32 (the NPU silently copies only ",
-                                                  bytes / 32 * 32, "); use DataCopyPad"));
-    if (count > dst.GetSize()) emu::fail(emu::rule::UB_BOUNDS, emu::cat(api, ": ", count, " elements beyond the local tensor"));
+    const size_t bytes = detail::count_copy_bytes(api, count, sizeof(T), dst.GetSize());
     detail::local_operand(dst, bytes, emu::P_MTE2, true, api);
     src.span(0, count, api);
     emu::issue(emu::P_MTE2);
@@ -75,12 +82,7 @@ void DataCopy(const LocalTensor<T>& dst, const GlobalTensor<T>& src, uint32_t co
 template <typename T>
 void DataCopy(const GlobalTensor<T>& dst, const LocalTensor<T>& src, uint32_t count) {
     const char* api = "DataCopy(UB->GM)";
-    size_t bytes = size_t(count) * sizeof(T);
-    if (bytes % emu::BLOCK)
-        emu::fail(emu::rule::COPY_ALIGN, emu::cat(api, ": ", count, " elements = ", bytes,
-                                                  " bytes, not a multiple of 32 (the NPU silently copies only ",
-                                                  bytes / 32 * 32, "); use DataCopyPad"));
-    if (count > src.GetSize()) emu::fail(emu::rule::UB_BOUNDS, emu::cat(api, ": ", count, " elements beyond the local tensor"));
+    const size_t bytes = detail::count_copy_bytes(api, count, sizeof(T), src.GetSize());
     detail::local_operand(src, bytes, emu::P_MTE3, false, api);
     dst.span(0, count, api);
     emu::issue(emu::P_MTE3);

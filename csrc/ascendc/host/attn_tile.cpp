@@ -43,6 +43,15 @@ uint32_t FillAttnTile(AttnTileTiling& t, uint32_t dtype, uint32_t tokTile, uint3
   return t.ubBytes;
 }
 
+std::string CheckAttnShape(uint32_t dtype, uint32_t hq, uint32_t hkv, uint32_t dqk, uint32_t dv,
+                           uint32_t vectorCores) {
+  if (dtype > kBFloat16) return "dtype code " + std::to_string(dtype) + " is not float32/float16/bfloat16";
+  if (hkv == 0 || hq % hkv != 0) return "query heads must be a positive multiple of KV heads";
+  if (dqk == 0 || dv == 0) return "head dims must be positive";
+  if (vectorCores == 0) return "no vector cores";
+  return "";
+}
+
 std::string ChooseAttnTile(AttnTileTiling& t, uint32_t dtype, uint32_t maxTok, uint32_t group,
                            uint32_t maxKey, uint32_t dqk, uint32_t dv, bool vFromK, bool tokensFirst) {
   if (group == 0) return "no query heads";

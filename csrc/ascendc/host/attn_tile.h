@@ -26,6 +26,11 @@ inline uint32_t DTypeBytes(uint32_t dtype) { return dtype == kFloat32 ? 4u : 2u;
 uint32_t FillAttnTile(AttnTileTiling& t, uint32_t dtype, uint32_t tokTile, uint32_t headChunk,
                       uint32_t keyTile, uint32_t dqk, uint32_t dv, bool vFromK);
 
+// The checks both attention kernels' tilings open with: a known dtype code, query heads a positive
+// multiple of KV heads, positive head dims, at least one vector core. "" or why not.
+std::string CheckAttnShape(uint32_t dtype, uint32_t hq, uint32_t hkv, uint32_t dqk, uint32_t dv,
+                           uint32_t vectorCores);
+
 // Choose tokTile (<= maxTok), headChunk (a divisor of group) and keyTile (<= maxKey) so that one
 // work item fits the UB, preferring whole groups (K/V read once per KV head), then (tokensFirst)
 // more query tokens with key tiles of at least 16, or (else) longer key tiles; then anything that

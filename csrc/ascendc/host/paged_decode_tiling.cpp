@@ -4,13 +4,11 @@ namespace cpattn_asc {
 
 std::string PagedDecodeTilingFor(const PagedDecodeShape& s, uint32_t vectorCores, PagedDecodeTiling& t) {
   t = PagedDecodeTiling{};
-  if (s.dtype > kBFloat16) return "dtype code " + std::to_string(s.dtype) + " is not float32/float16/bfloat16";
-  if (s.hkv == 0 || s.hq % s.hkv != 0) return "query heads must be a positive multiple of KV heads";
-  if (s.dqk == 0 || s.dv == 0) return "head dims must be positive";
+  std::string bad = CheckAttnShape(s.dtype, s.hq, s.hkv, s.dqk, s.dv, vectorCores);
+  if (!bad.empty()) return bad;
   if (s.vFromK && s.dv > s.dqk) return "MLA value dim exceeds the latent K row";
   if (s.blockSize == 0) return "block size must be positive";
   if (s.numReqs == 0) return "no requests";
-  if (vectorCores == 0) return "no vector cores";
   const uint32_t group = s.hq / s.hkv;
   // tokTile 1 (each token has its own visible length); key tiles up to 64 positions
   std::string why = ChooseAttnTile(t.tile, s.dtype, 1, group, kMaxKeyTile, s.dqk, s.dv, s.vFromK, false);

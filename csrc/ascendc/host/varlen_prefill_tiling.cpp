@@ -4,11 +4,9 @@ namespace cpattn_asc {
 
 std::string VarlenPrefillTilingFor(const VarlenPrefillShape& s, uint32_t vectorCores, VarlenPrefillTiling& t) {
   t = VarlenPrefillTiling{};
-  if (s.dtype > kBFloat16) return "dtype code " + std::to_string(s.dtype) + " is not float32/float16/bfloat16";
-  if (s.hkv == 0 || s.hq % s.hkv != 0) return "query heads must be a positive multiple of KV heads";
-  if (s.dqk == 0 || s.dv == 0) return "head dims must be positive";
+  std::string bad = CheckAttnShape(s.dtype, s.hq, s.hkv, s.dqk, s.dv, vectorCores);
+  if (!bad.empty()) return bad;
   if (s.numSeqs == 0) return "no sequences";
-  if (vectorCores == 0) return "no vector cores";
   if (s.hkv > 1 && (s.kStrideH < s.dqk || s.vStrideH < s.dv)) return "k/v head strides overlap their channels";
   const uint32_t group = s.hq / s.hkv;
   // Query tokens per item: up to 16 (K/V are read once per item, so more tokens = less traffic);
