@@ -15,10 +15,14 @@ plain error). ``baseline`` may therefore be a sequence of plain computations at 
 precision that differ only in summation order (e.g. the keys of each sequence reversed): the
 plain error is the largest of theirs. The factor and the floor stay as they are.
 
-:func:`plain_attention` builds that pair of baselines for varlen attention (what the Triton and
-the AscendC attention kernels are judged by): ``cpattn.reference.attention`` at the input's
-precision with each sequence's keys as given and reversed (positions move with their keys, so
-the two are equal in exact arithmetic).
+:func:`plain_attention` builds such baselines for varlen attention (what the Triton and the
+AscendC attention kernels are judged by): ``cpattn.reference.attention`` at the input's precision
+with each sequence's keys as given and reversed (positions move with their keys), and the
+channels of q and k as given and reversed: four computations, equal in exact arithmetic. Both
+dimensions matter: with few keys the key order hardly changes the rounding, and the scores'
+float32 rounding, amplified by the softmax, then dominates the output's error (an AscendC draw
+with 2 keys: plain float32 erred 0.2 ulp in both key orders, the kernel 2.6 ulps, a faithful
+float32 replay of the kernel's arithmetic 3 ulps; docs/ascendc.md "Testing the attention kernels").
 
 Used by the test suite (tests/tolerance.py re-exports it) and by the device check
 (bench/device_check.py), so both judge results by the same rule.
@@ -73,10 +77,12 @@ def assert_close(got: torch.Tensor, ref: torch.Tensor, baseline, *, dtype: torch
 
 def plain_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, dtype: torch.dtype,
                     **kw) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Plain ``cpattn.reference.attention(q, k, v, **kw, dtype=dtype)`` in two summation orders:
-    each sequence's keys (``kw["cu_seqlens_k"]``) as given, then reversed with their positions.
-    Returns ``([out, out_reversed], [lse, lse_reversed])``, outputs in ``dtype`` and LSEs as the
-    reference gives them: the ``baseline`` lists for :func:`assert_close`."""
+    """Plain ``cpattn.reference.attention(q, k, v, **kw, dtype=dtype)`` in four summation orders,
+    equal in exact arithmetic: each sequence's keys (``kw["cu_seqlens_k"]``) as given or reversed
+    with their positions (the order of the softmax sums and of ``p @ v``), times the channels of
+    ``q`` and ``k`` as given or reversed (the order of the score dot products). Returns
+    ``([out, ...], [lse, ...])``, outputs in ``dtype`` and LSEs as the reference gives them: the
+    ``baseline`` lists for :func:`assert_close`."""
     from cpattn import reference
     from cpattn.backends.positions import default_positions
 
@@ -86,10 +92,11 @@ def plain_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, dtype:
                     + [torch.zeros(0, dtype=torch.int64)])
     dq, dk = default_positions(cu_q, cu_k, "cpu")
     kp = kw.get("k_positions")
-    kw2 = {**kw, "q_positions": kw.get("q_positions", dq), "k_positions": (dk if kp is None else kp.cpu())[idx]}
+    kw_rev = {**kw, "q_positions": kw.get("q_positions", dq), "k_positions": (dk if kp is None else kp.cpu())[idx]}
     outs, lses = [], []
-    for kk, vv, a in ((k, v, kw), (k[idx], v[idx], kw2)):
-        o, lse = reference.attention(q, kk, vv, **a, dtype=dtype)
-        outs.append(o.to(dtype))
-        lses.append(lse)
+    for kk, vv, a in ((k, v, kw), (k[idx], v[idx], kw_rev)):
+        for qq, kc in ((q, kk), (q.flip(-1), kk.flip(-1))):
+            o, lse = reference.attention(qq, kc, vv, **a, dtype=dtype)
+            outs.append(o.to(dtype))
+            lses.append(lse)
     return outs, lses
