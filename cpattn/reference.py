@@ -29,6 +29,18 @@ def _bounds(cu: torch.Tensor | None, total: int) -> list[int]:
     return [0, total] if cu is None else [int(x) for x in cu.tolist()]
 
 
+def visible_keys(q0: int, q1: int, k0: int, k1: int, causal: bool, q_positions: torch.Tensor | None,
+                 k_positions: torch.Tensor | None) -> torch.Tensor:
+    """``[Lq, Lk]`` bool (CPU): which keys ``k0:k1`` of a sequence its queries ``q0:q1`` see (all
+    of them, or by position when ``causal``; default positions as :func:`attention` says)."""
+    lq, lk = q1 - q0, k1 - k0
+    if not causal:
+        return torch.ones(lq, lk, dtype=torch.bool)
+    pq = (torch.arange(lq) + (lk - lq)) if q_positions is None else q_positions[q0:q1]
+    pk = torch.arange(lk) if k_positions is None else k_positions[k0:k1]
+    return pk.cpu()[None, :] <= pq.cpu()[:, None]
+
+
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -78,12 +90,7 @@ def attention(
         ks = k[k0:k1].to(dtype).repeat_interleave(group, dim=1)  # [Lk, Hq, D]
         vs = v[k0:k1].to(dtype).repeat_interleave(group, dim=1)  # [Lk, Hq, Dv]
         lq, lk = q1 - q0, k1 - k0
-        visible = torch.ones(lq, lk, dtype=torch.bool)  # [Lq, Lk]
-        if causal:
-            pq = (torch.arange(lq) + (lk - lq)) if q_positions is None else q_positions[q0:q1]
-            pk = torch.arange(lk) if k_positions is None else k_positions[k0:k1]
-            visible = pk.cpu()[None, :] <= pq.cpu()[:, None]
-        visible = visible.to(q.device)
+        visible = visible_keys(q0, q1, k0, k1, causal, q_positions, k_positions).to(q.device)  # [Lq, Lk]
         # Poisoned rows: a NaN/inf in the query row, or in the key or value of a key the row sees.
         q_bad = ~torch.isfinite(qs).all(dim=-1)  # [Lq, Hq]
         kv_bad = ~(torch.isfinite(ks).all(dim=-1) & torch.isfinite(vs).all(dim=-1))  # [Lk, Hq]

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 import cpattn
 from cpattn import reference
 from conftest import examples
-from tolerance import assert_close
+from tolerance import assert_attention_close, assert_close
 
 
 def _why_not() -> str | None:
@@ -73,13 +73,13 @@ def test_npu_merge_matches_reference(n, rows, d, dtype, poison, in_place, seed):
     assert_close(got[1].cpu(), ref[1], base[1], dtype=torch.float32, what="lse")
 
 
-def _check(out, lse, ro, rl, bo, bl, dtype):
+def _check(out, lse, q, k, v, kw, dtype):
+    """The rule of the emulated kernels' tests (tests/test_ascendc_attention.py, _RULE)."""
     out, lse = out.cpu(), lse.cpu()
     assert out.dtype == dtype and lse.dtype == torch.float32
+    ro, rl = assert_attention_close(out, lse, q, k, v, dtype=dtype, **kw)
     assert torch.equal(torch.isneginf(lse), torch.isneginf(rl)), "exactly the rows that see no key are -inf"
     assert bool((out[torch.isneginf(lse)] == 0).all())
-    assert_close(out, ro, bo.to(dtype), dtype=dtype)
-    assert_close(lse, rl, bl, dtype=torch.float32, what="lse")
 
 
 def _paged_case():
@@ -95,15 +95,13 @@ def test_npu_paged_decode_matches_oracle(data):
     c = data.draw(paged_cases())
     kw, kk, vv, okw = paged_inputs(c)
     dt = names[c["dtype"]]
-    ro, rl = reference.attention(kw["q"], kk, vv, **okw)
-    bo, bl = reference.attention(kw["q"], kk, vv, **okw, dtype=dt)
     nkw = {k: (_npu(v) if isinstance(v, torch.Tensor) or v is None else v) for k, v in kw.items()}
     from cpattn.backends import get_backend
 
     be = get_backend("ascendc")
     assert be.reasons("paged_attention", nkw) == []
     out, lse = be.run("paged_attention", **nkw)
-    _check(out, lse, ro, rl, bo, bl, dt)
+    _check(out, lse, kw["q"], kk, vv, okw, dt)
 
 
 @settings(max_examples=examples(25, 500), deadline=None)
@@ -114,8 +112,6 @@ def test_npu_varlen_prefill_matches_oracle(data):
     c = data.draw(varlen_cases())
     q, k, v, kw = varlen_inputs(c)
     dt = NAMES[c["dtype"]]
-    ro, rl = reference.attention(q, k, v, **kw)
-    bo, bl = reference.attention(q, k, v, **kw, dtype=dt)
     kv = torch.cat([k, v], -1).to(DEV)  # K/V as views of one packed NPU buffer, as the ring holds them
     nkw = {key: (_npu(x) if isinstance(x, torch.Tensor) else x) for key, x in kw.items()}
     from cpattn.backends import get_backend
@@ -124,7 +120,7 @@ def test_npu_varlen_prefill_matches_oracle(data):
     inputs = dict(q=q.to(DEV), k=kv[..., : k.shape[-1]], v=kv[..., k.shape[-1]:], **nkw)
     assert be.reasons("attention", inputs) == []
     out, lse = be.run("attention", **inputs)
-    _check(out, lse, ro, rl, bo, bl, dt)
+    _check(out, lse, q, k, v, kw, dt)
 
 
 def test_npu_public_ops_choose_ascendc_and_match_the_oracle():
