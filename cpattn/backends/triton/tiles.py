@@ -43,6 +43,20 @@ def merge_tile_bytes(br: int, bd: int, elem: int) -> int:
     return br * bd * (elem + 4) + 4 * br * bd + 4 * 6 * br
 
 
+def _shrink(blocks: dict[str, int], order: list[tuple[str, int]], cost, budget: int) -> dict[str, int]:
+    """Halve blocks until ``cost(blocks) <= budget``: each step halves the first block of
+    ``order`` (name, floor) still above its floor; stops when none is."""
+    blocks = dict(blocks)
+    while cost(blocks) > budget:
+        for name, floor in order:
+            if blocks[name] > floor:
+                blocks[name] //= 2
+                break
+        else:
+            break
+    return blocks
+
+
 def paged_blocks(G: int, Dqk: int, Dv: int, block_size: int, elem: int,
                  budget: int | None = None) -> dict[str, int]:
     """``BLOCK_G`` (query heads of one KV head per work item), ``BLOCK_N`` (keys per tile: at
@@ -55,20 +69,10 @@ def paged_blocks(G: int, Dqk: int, Dv: int, block_size: int, elem: int,
     # Shrink what costs least first: keys per tile (more iterations), then heads per item (K/V
     # read again per head chunk), then the Q.K chunk, then V channels (scores recomputed per
     # V chunk: the most expensive split).
-    while paged_tile_bytes(bg, bn, bd, bdv, elem) > budget:
-        if bn > MIN_DOT:
-            bn //= 2
-        elif bg > MIN_DOT:
-            bg //= 2
-        elif bd > 32:
-            bd //= 2
-        elif bdv > MIN_DOT:
-            bdv //= 2
-        elif bd > MIN_DOT:
-            bd //= 2
-        else:
-            break
-    return dict(BLOCK_G=bg, BLOCK_N=bn, BLOCK_D=bd, BLOCK_DV=bdv)
+    return _shrink(dict(BLOCK_G=bg, BLOCK_N=bn, BLOCK_D=bd, BLOCK_DV=bdv),
+                   [("BLOCK_N", MIN_DOT), ("BLOCK_G", MIN_DOT), ("BLOCK_D", 32), ("BLOCK_DV", MIN_DOT),
+                    ("BLOCK_D", MIN_DOT)],
+                   lambda b: paged_tile_bytes(b["BLOCK_G"], b["BLOCK_N"], b["BLOCK_D"], b["BLOCK_DV"], elem), budget)
 
 
 def varlen_blocks(Dqk: int, Dv: int, elem: int, device_type: str, budget: int | None = None) -> dict[str, int]:
@@ -80,20 +84,9 @@ def varlen_blocks(Dqk: int, Dv: int, elem: int, device_type: str, budget: int | 
     bn = bm
     bd = min(_p2(Dqk), 64)
     bdv = min(_p2(Dv), 512)
-    while varlen_tile_bytes(bm, bn, bd, bdv, elem) > budget:
-        if bdv > 128:
-            bdv //= 2
-        elif bn > 32:
-            bn //= 2
-        elif bm > 32:
-            bm //= 2
-        elif bd > MIN_DOT:
-            bd //= 2
-        elif bdv > MIN_DOT:
-            bdv //= 2
-        else:
-            break
-    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_DV=bdv)
+    return _shrink(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_DV=bdv),
+                   [("BLOCK_DV", 128), ("BLOCK_N", 32), ("BLOCK_M", 32), ("BLOCK_D", MIN_DOT), ("BLOCK_DV", MIN_DOT)],
+                   lambda b: varlen_tile_bytes(b["BLOCK_M"], b["BLOCK_N"], b["BLOCK_D"], b["BLOCK_DV"], elem), budget)
 
 
 def merge_blocks(D: int, elem: int) -> dict[str, int]:
