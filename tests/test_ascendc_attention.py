@@ -27,7 +27,7 @@ NAN = float("nan")
 
 # _RULE: the tolerance rule for attention kernels (cpattn.testing.tolerance.assert_attention_close),
 # the one the Triton kernels are judged by: 2x the largest error of plain PyTorch at the same
-# precision in four summation orders (keys, and the scores' channels, each as given or reversed),
+# precision in eight summation orders (the scores' channels permuted, the keys reversed),
 # with the ulp floor and the score-rounding floor. One plain float32 draw's error is noisy: the
 # kernels' float32 error is below plain's on average (mean max error over seeded paged draws:
 # 1.74 ulp against 2.49 with 20-45 keys, 0.60 against 0.83 with 1-4 keys) but exceeded 2x a
