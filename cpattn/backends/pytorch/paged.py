@@ -81,7 +81,7 @@ def paged_attention(q, k_cache, v_cache, block_table, query_start_loc, visible_l
     if T == 0 or B == 0 or NB == 0 or max_kv_len <= 0:
         return out, lse
     qs = q.to(cd) * scale
-    q_bad = ~torch.isfinite(qs).all(dim=-1)  # [T, Hq]: poisoned queries (if they see any key), overflow included
+    q_bad = _bad_rows(qs)  # [T, Hq]: poisoned queries (if they see any key), overflow included
 
     # Pad queries per request: token t -> (request b, slot j). Query rows are laid out
     # [Hkv, B, Qm * G, D] so that each KV head's scores are one contiguous bmm output.
@@ -129,8 +129,18 @@ def paged_attention(q, k_cache, v_cache, block_table, query_start_loc, visible_l
         kf = buf.gather(k_cache, ids, "k", B, c, dead)  # [B, c, Hkv, Dqk] compute dtype
         vf = kf[..., :Dv] if v_cache is None else buf.gather(v_cache, ids, "v", B, c, dead)
         v_sep = vf if v_cache is not None else None  # for MLA, V is a view of K
-        if not on_cpu:  # no host sync: clean every chunk
-            first_bad = torch.minimum(first_bad, _first_nonfinite(kf, v_sep, pos, no_bad))
+        if not on_cpu:  # no host sync: find every chunk's non-finite rows, clean where needed
+            # With one query per request (Qm == 1: DCP's plan/run and one-call op) a request's
+            # only query sees every live key of the chunk, and the rows past its length were
+            # zeroed in the gather: no key is hidden from a query that could meet it, so nothing
+            # needs cleaning. A non-finite V then makes ``p @ V`` non-finite (0 * inf is NaN),
+            # caught by the final check; only K is searched (a -inf score would hide it).
+            # With several queries per request a later query's key is hidden from an earlier
+            # one: V is cleaned (weight 0 times NaN must not reach it) and searched too.
+            hidden = masked and Qm > 1
+            first_bad = torch.minimum(first_bad, _first_nonfinite(kf, v_sep if hidden else None, pos, no_bad))
+            if hidden:
+                vf.nan_to_num_(0.0, 0.0, 0.0)  # for MLA a view of K: its first Dv channels
         s = buf.scores[: Hkv * B * QG * c].view(Hkv, B, QG, c)
         for check in ((True, False) if on_cpu else (False,)):
             # On CPU a NaN/inf in K shows in the raw scores of every query slot (padding slots are
@@ -140,6 +150,7 @@ def paged_attention(q, k_cache, v_cache, block_table, query_start_loc, visible_l
                 torch.bmm(qp[h], kf[:, :, h].transpose(1, 2), out=s[h])
             if check and not _finite(s):
                 first_bad = torch.minimum(first_bad, _first_nonfinite(kf, v_sep, pos, no_bad))
+                _clean(kf, v_sep)
                 continue
             if masked:
                 hidden = pos.view(1, 1, -1) >= vis[:, :, None]  # [B, Qm, c]
@@ -151,6 +162,7 @@ def paged_attention(q, k_cache, v_cache, block_table, query_start_loc, visible_l
                 torch.bmm(p[h], vf[:, :, h], out=pv[h])
             if check and not _finite(pv):
                 first_bad = torch.minimum(first_bad, _first_nonfinite(kf, v_sep, pos, no_bad))
+                _clean(kf, v_sep)
                 continue
             alpha = torch.exp(m - m_safe)
             l.mul_(alpha).add_(p.sum(dim=-1))
@@ -170,7 +182,7 @@ def paged_attention(q, k_cache, v_cache, block_table, query_start_loc, visible_l
     t_vis = visible_lens.to(torch.int64)[:, None]  # [T, 1]
     kv_bad = (t_vis > first_bad[req]).repeat_interleave(G, dim=1)  # [T, Hq]
     sees = t_vis > 0
-    poisoned = sees & (q_bad | kv_bad | ~torch.isfinite(lse) | ~torch.isfinite(out).all(dim=-1))
+    poisoned = sees & (q_bad | kv_bad | ~torch.isfinite(lse) | _bad_rows(out))
     out.masked_fill_(poisoned[..., None], float("nan"))
     lse.masked_fill_(poisoned, float("nan"))
     return out, lse
@@ -183,16 +195,28 @@ def _finite(x: torch.Tensor) -> bool:
 
 def _first_nonfinite(kf: torch.Tensor, vf: torch.Tensor | None, pos: torch.Tensor, none: int) -> torch.Tensor:
     """``[B, Hkv]``: the first position in ``pos [c]`` whose key or value (``[B, c, Hkv, D]``) is
-    not finite (``none`` where none is); zeroes those values in place, so that masked
-    keys' weight 0 times NaN cannot reach the queries that do not see them."""
-    bad_k = ~torch.isfinite(kf)
-    bad = bad_k.any(dim=-1)  # [B, c, Hkv]
-    kf.masked_fill_(bad_k, 0.0)  # for MLA, V is a view of K: cleaned with it
+    not finite (``none`` where none is)."""
+    bad = _bad_rows(kf)  # [B, c, Hkv]
     if vf is not None:
-        bad_v = ~torch.isfinite(vf)
-        bad |= bad_v.any(dim=-1)
-        vf.masked_fill_(bad_v, 0.0)
+        bad |= _bad_rows(vf)
     return torch.where(bad, pos[None, :, None], none).amin(dim=1)
+
+
+def _bad_rows(x: torch.Tensor) -> torch.Tensor:
+    """``[..., D] -> [...]``: rows holding a NaN or inf. Exact for any finite magnitudes (a sum
+    could overflow), and two plain reductions: ``amax``/``amin`` propagate NaN and show
+    ``+inf``/``-inf``. (``torch.isfinite`` over the rows costs several elementwise passes and
+    temporaries: measured 20-40x these two on CPU, which made every chunk of the no-host-sync
+    path cost more than its attention.)"""
+    return ~(torch.isfinite(x.amax(dim=-1)) & torch.isfinite(x.amin(dim=-1)))
+
+
+def _clean(kf: torch.Tensor, vf: torch.Tensor | None) -> None:
+    """Zero the non-finite values in place (for MLA, V is a view of K: cleaned with it), so that
+    masked keys' weight 0 times NaN cannot reach the queries that do not see them."""
+    kf.nan_to_num_(0.0, 0.0, 0.0)
+    if vf is not None:
+        vf.nan_to_num_(0.0, 0.0, 0.0)
 
 
 class _Buffers:
