@@ -34,7 +34,12 @@ rows are zeros and 0 * inf is NaN), one in V makes ``p @ V`` non-finite, and bot
 to the chunk. Only then is the chunk cleaned (its non-finite values zeroed, so that a masked
 key's weight 0 times NaN cannot reach a query that does not see it) and run again, and the first
 such position per request and KV head is kept: every query whose visible prefix reaches it is
-poisoned. Off CPU every chunk is cleaned that way (no host sync).
+poisoned. Without host reads (off CPU, and inside a plan's ``run``) no chunk can be checked
+first: every chunk's K rows are searched for NaN/inf (two reductions, :mod:`.finite`), and with
+several queries per request (where a key can be hidden from an earlier query of its request) V's
+rows too, and V is cleaned. With one query per request (how DCP always runs this kernel) no key
+of a chunk is hidden from a query that could meet it (rows past a request's length are zeroed in
+the gather), so nothing is cleaned: a non-finite V shows in ``p @ V``, caught at the end.
 
 No host sync off CPU: the caller passes ``max_query_len`` and ``max_kv_len`` (host ints it
 already has); on CPU, where it is free, ``min(visible_lens)`` is read too so that chunks every
@@ -45,6 +50,7 @@ from __future__ import annotations
 import torch
 
 from ..hostsync import host_reads_allowed
+from .finite import all_finite, bad_rows, poison_
 
 #: Host reads where they are free (CPU). False runs the path used on other devices (no host
 #: sync: every chunk masked and cleaned); tests set it to check that path on CPU.
@@ -81,7 +87,7 @@ def paged_attention(q, k_cache, v_cache, block_table, query_start_loc, visible_l
     if T == 0 or B == 0 or NB == 0 or max_kv_len <= 0:
         return out, lse
     qs = q.to(cd) * scale
-    q_bad = _bad_rows(qs)  # [T, Hq]: poisoned queries (if they see any key), overflow included
+    q_bad = bad_rows(qs)  # [T, Hq]: poisoned queries (if they see any key), overflow included
 
     # Pad queries per request: token t -> (request b, slot j). Query rows are laid out
     # [Hkv, B, Qm * G, D] so that each KV head's scores are one contiguous bmm output.
@@ -148,7 +154,7 @@ def paged_attention(q, k_cache, v_cache, block_table, query_start_loc, visible_l
             # no pass over the chunk. Then, and only then, the chunk is cleaned and run again.
             for h in range(Hkv):
                 torch.bmm(qp[h], kf[:, :, h].transpose(1, 2), out=s[h])
-            if check and not _finite(s):
+            if check and not all_finite(s):
                 first_bad = torch.minimum(first_bad, _first_nonfinite(kf, v_sep, pos, no_bad))
                 _clean(kf, v_sep)
                 continue
@@ -160,7 +166,7 @@ def paged_attention(q, k_cache, v_cache, block_table, query_start_loc, visible_l
             p = torch.exp_(s.sub_(m_safe[..., None]))
             for h in range(Hkv):
                 torch.bmm(p[h], vf[:, :, h], out=pv[h])
-            if check and not _finite(pv):
+            if check and not all_finite(pv):
                 first_bad = torch.minimum(first_bad, _first_nonfinite(kf, v_sep, pos, no_bad))
                 _clean(kf, v_sep)
                 continue
@@ -182,33 +188,18 @@ def paged_attention(q, k_cache, v_cache, block_table, query_start_loc, visible_l
     t_vis = visible_lens.to(torch.int64)[:, None]  # [T, 1]
     kv_bad = (t_vis > first_bad[req]).repeat_interleave(G, dim=1)  # [T, Hq]
     sees = t_vis > 0
-    poisoned = sees & (q_bad | kv_bad | ~torch.isfinite(lse) | _bad_rows(out))
-    out.masked_fill_(poisoned[..., None], float("nan"))
-    lse.masked_fill_(poisoned, float("nan"))
+    poisoned = sees & (q_bad | kv_bad | ~torch.isfinite(lse) | bad_rows(out))
+    poison_(out, lse, poisoned)
     return out, lse
-
-
-def _finite(x: torch.Tensor) -> bool:
-    """Whether ``x`` holds only finite values (one min/max pass; host sync)."""
-    return x.numel() == 0 or bool(torch.isfinite(torch.stack(torch.aminmax(x))).all())
 
 
 def _first_nonfinite(kf: torch.Tensor, vf: torch.Tensor | None, pos: torch.Tensor, none: int) -> torch.Tensor:
     """``[B, Hkv]``: the first position in ``pos [c]`` whose key or value (``[B, c, Hkv, D]``) is
     not finite (``none`` where none is)."""
-    bad = _bad_rows(kf)  # [B, c, Hkv]
+    bad = bad_rows(kf)  # [B, c, Hkv]
     if vf is not None:
-        bad |= _bad_rows(vf)
+        bad |= bad_rows(vf)
     return torch.where(bad, pos[None, :, None], none).amin(dim=1)
-
-
-def _bad_rows(x: torch.Tensor) -> torch.Tensor:
-    """``[..., D] -> [...]``: rows holding a NaN or inf. Exact for any finite magnitudes (a sum
-    could overflow), and two plain reductions: ``amax``/``amin`` propagate NaN and show
-    ``+inf``/``-inf``. (``torch.isfinite`` over the rows costs several elementwise passes and
-    temporaries: measured 20-40x these two on CPU, which made every chunk of the no-host-sync
-    path cost more than its attention.)"""
-    return ~(torch.isfinite(x.amax(dim=-1)) & torch.isfinite(x.amin(dim=-1)))
 
 
 def _clean(kf: torch.Tensor, vf: torch.Tensor | None) -> None:
