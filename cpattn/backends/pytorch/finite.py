@@ -16,17 +16,24 @@ import torch
 _CHUNK_ELEMS = 1 << 20  # 16-bit inputs are checked in float32 slices of this many values
 
 
-def bad_rows(x: torch.Tensor) -> torch.Tensor:
-    """``[..., D] -> [...]`` bool: the rows holding a NaN or an inf (no host read)."""
-    if x.shape[-1] == 0:  # nothing to reduce (amax refuses an empty dim): no row holds anything
+def bad_rows(x: torch.Tensor, source: torch.dtype | None = None) -> torch.Tensor:
+    """``[..., D] -> [...]`` bool: the rows holding a NaN or an inf (no host read).
+
+    ``source``: the dtype ``x`` was converted from (its finite values are bounded by that dtype's
+    largest); when ``D`` of them cannot sum past ``x``'s largest value (float32 data in float64,
+    float16 data in float32), one sum decides exactly and replaces the two reductions."""
+    d = x.shape[-1]
+    if d == 0:  # nothing to reduce (amax refuses an empty dim): no row holds anything
         return torch.zeros(x.shape[:-1], dtype=torch.bool, device=x.device)
+    if source is not None and torch.finfo(source).max * d < torch.finfo(x.dtype).max:
+        return ~torch.isfinite(x.sum(dim=-1))
     if x.element_size() >= 4 or x.dim() < 2:
         return ~(torch.isfinite(x.amax(dim=-1)) & torch.isfinite(x.amin(dim=-1)))
     # 16-bit: ATen's reductions over the last dim are about 3x slower than float32 conversion plus
     # float32 reductions; convert slices of about _CHUNK_ELEMS values (a bounded temporary)
     step = max(1, _CHUNK_ELEMS // max(x[:1].numel(), 1))
-    return torch.cat([bad_rows(x[i:i + step].float()) for i in range(0, x.shape[0], step)]) if x.shape[0] else \
-        torch.zeros(x.shape[:-1], dtype=torch.bool, device=x.device)
+    return torch.cat([bad_rows(x[i:i + step].float(), x.dtype) for i in range(0, x.shape[0], step)]) \
+        if x.shape[0] else torch.zeros(x.shape[:-1], dtype=torch.bool, device=x.device)
 
 
 def all_finite(x: torch.Tensor) -> bool:

@@ -144,7 +144,7 @@ def paged_attention(q, k_cache, v_cache, block_table, query_start_loc, visible_l
             # With several queries per request a later query's key is hidden from an earlier
             # one: V is cleaned (weight 0 times NaN must not reach it) and searched too.
             hidden = masked and Qm > 1
-            first_bad = torch.minimum(first_bad, _first_nonfinite(kf, v_sep if hidden else None, pos, no_bad))
+            first_bad = torch.minimum(first_bad, _first_nonfinite(kf, v_sep if hidden else None, pos, no_bad, q.dtype))
             if hidden:
                 vf.nan_to_num_(0.0, 0.0, 0.0)  # for MLA a view of K: its first Dv channels
         s = buf.scores[: Hkv * B * QG * c].view(Hkv, B, QG, c)
@@ -155,7 +155,7 @@ def paged_attention(q, k_cache, v_cache, block_table, query_start_loc, visible_l
             for h in range(Hkv):
                 torch.bmm(qp[h], kf[:, :, h].transpose(1, 2), out=s[h])
             if check and not all_finite(s):
-                first_bad = torch.minimum(first_bad, _first_nonfinite(kf, v_sep, pos, no_bad))
+                first_bad = torch.minimum(first_bad, _first_nonfinite(kf, v_sep, pos, no_bad, q.dtype))
                 _clean(kf, v_sep)
                 continue
             if masked:
@@ -167,7 +167,7 @@ def paged_attention(q, k_cache, v_cache, block_table, query_start_loc, visible_l
             for h in range(Hkv):
                 torch.bmm(p[h], vf[:, :, h], out=pv[h])
             if check and not all_finite(pv):
-                first_bad = torch.minimum(first_bad, _first_nonfinite(kf, v_sep, pos, no_bad))
+                first_bad = torch.minimum(first_bad, _first_nonfinite(kf, v_sep, pos, no_bad, q.dtype))
                 _clean(kf, v_sep)
                 continue
             alpha = torch.exp(m - m_safe)
@@ -193,12 +193,13 @@ def paged_attention(q, k_cache, v_cache, block_table, query_start_loc, visible_l
     return out, lse
 
 
-def _first_nonfinite(kf: torch.Tensor, vf: torch.Tensor | None, pos: torch.Tensor, none: int) -> torch.Tensor:
-    """``[B, Hkv]``: the first position in ``pos [c]`` whose key or value (``[B, c, Hkv, D]``) is
-    not finite (``none`` where none is)."""
-    bad = bad_rows(kf)  # [B, c, Hkv]
+def _first_nonfinite(kf: torch.Tensor, vf: torch.Tensor | None, pos: torch.Tensor, none: int,
+                     src: torch.dtype) -> torch.Tensor:
+    """``[B, Hkv]``: the first position in ``pos [c]`` whose key or value (``[B, c, Hkv, D]``, the
+    compute-dtype copy of ``src`` data) is not finite (``none`` where none is)."""
+    bad = bad_rows(kf, src)  # [B, c, Hkv]
     if vf is not None:
-        bad |= bad_rows(vf)
+        bad |= bad_rows(vf, src)
     return torch.where(bad, pos[None, :, None], none).amin(dim=1)
 
 
