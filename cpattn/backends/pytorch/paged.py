@@ -58,8 +58,9 @@ import torch
 from ..hostsync import host_reads_allowed
 from .finite import all_finite, bad_rows, poison_
 
-#: Host reads where they are free (CPU). False runs the path used on other devices (no host
-#: sync: every chunk masked and cleaned); tests set it to check that path on CPU.
+#: Host reads where they are free (CPU). False runs the path used on other devices and inside a
+#: plan's ``run`` (no host sync: every chunk masked, K searched by the probe row); tests set it
+#: to check that path on CPU.
 HOST_CHECKS = True
 #: The probe row's value: small enough that no finite key (float32 range, head dims < 2**16)
 #: can overflow its score, large enough to stay a normal number in float32.
@@ -161,13 +162,9 @@ def paged_attention(q, k_cache, v_cache, block_table, query_start_loc, visible_l
                 k_bad = ~torch.isfinite(s[:, :, QG])  # [Hkv, B, c]
                 first_bad = torch.minimum(first_bad, torch.where(k_bad, pos, no_bad).amin(dim=-1).t())
                 s = s[:, :, :QG]
-                # With one query per request (Qm == 1: how DCP calls this kernel) its only query
-                # sees every live key of the chunk and rows past its length were zeroed in the
-                # gather: no key is hidden from a query that could meet it, nothing needs
-                # cleaning, and a non-finite V makes ``p @ V`` non-finite (0 * inf is NaN),
-                # caught by the final check. With several queries per request a later query's key
-                # is hidden from an earlier one: V is searched and cleaned (weight 0 times NaN
-                # must not reach it). Hidden K needs nothing: its scores are masked to -inf.
+                # One query per request (DCP): nothing is hidden, nothing cleaned (module doc).
+                # Several: a later query's key is hidden from an earlier one, so V is searched and
+                # cleaned (weight 0 times NaN must not reach it); hidden K scores are masked anyway.
                 if masked and Qm > 1:
                     first_bad = torch.minimum(first_bad, _first_nonfinite(vf, None, pos, no_bad, q.dtype))
                     vf.nan_to_num_(0.0, 0.0, 0.0)  # for MLA a view of K, already scored
