@@ -223,7 +223,7 @@ def run(q, k_cache, v_cache, block_table, seq_lens, query_start_loc, group_name_
     comm.agree(OP, err, _fields(q, k_cache, v_cache, seq_lens, query_start_loc, interleave, heads, combine, backend,
                                 None if plan is None else plan.config), group, seq)
     dcp_meta.commit(plan._meta, prep)
-    return plan._execute(q, k_cache, v_cache, sync_free=False)
+    return plan._execute(q, k_cache, v_cache)
 
 
 def _fields(q, k_cache, v_cache, seq_lens, query_start_loc, interleave, heads, combine, backend, cfg) -> dict:

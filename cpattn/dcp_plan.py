@@ -10,7 +10,6 @@ Engine wiring: ``docs/serving.md``.
 """
 from __future__ import annotations
 
-import contextlib
 import itertools
 import weakref
 from dataclasses import dataclass
@@ -300,8 +299,10 @@ class DcpDecodePlan:
             o = out
         return (o, lse) if return_lse else o
 
-    def _execute(self, q, k_cache, v_cache, *, sync_free: bool = True):
-        """The implementation behind ``torch.ops.cpattn.dcp_plan_run`` (and the one-call op)."""
+    def _execute(self, q, k_cache, v_cache):
+        """The implementation behind ``torch.ops.cpattn.dcp_plan_run`` (and the one-call op, which
+        therefore runs the same no-host-read kernels: on CPU they cost what the host-read
+        shortcuts did, docs/performance.md)."""
         m, cfg = self._meta, self.config
         if not m.planned:
             raise RuntimeError(f"{OP}.run: call plan() first (every step, on every rank)")
@@ -311,8 +312,7 @@ class DcpDecodePlan:
         if Tp == 0:
             return self.empty_outputs(q)
         static = self.static_bounds or dcp_meta.capturing(q)
-        ctx = no_host_reads() if sync_free else contextlib.nullcontext()
-        with ctx:
+        with no_host_reads():
             q_all = dcp_combine.gather_heads(q, self.group) if cfg.heads == "sharded" else q
             out, lse = dcp_meta.attend(m, self._backend, q_all, k_cache, v_cache, scale=cfg.scale,
                                        v_head_dim=cfg.v_head_dim, static=static)

@@ -21,7 +21,7 @@ import _numerics_ranks as NR
 import pcp_ranks
 from cpattn import layout, reference
 from cpattn.backends import dispatch, get_backend
-from cpattn.backends.pytorch import paged, varlen
+from cpattn.backends.pytorch import finite, paged, varlen
 from conftest import examples
 from tolerance import assert_close
 
@@ -262,6 +262,83 @@ def test_paged_kernel_masked_nan_value_does_not_reach_earlier_query():
             paged.HOST_CHECKS = True
         assert torch.equal(out[0], clean[0][0]) and torch.equal(lse[0], clean[1][0])
         assert torch.isnan(out[1, 1]).all() and torch.isnan(lse[1, 1]) and torch.equal(out[1, 0], clean[0][1, 0])
+
+
+@settings(max_examples=examples(40, 1000))
+@given(dt=st.sampled_from([torch.float32, torch.bfloat16, torch.float16, torch.float64]),
+       shape=st.lists(st.integers(0, 5), min_size=1, max_size=3), chunk=st.sampled_from([1, 7, 1 << 20]),
+       spots=st.lists(st.tuples(st.integers(0, 10**6), st.sampled_from(VALUES + ["max", "-max"])), max_size=6))
+def test_finite_helpers_are_exact(dt, shape, chunk, spots):
+    """finite.bad_rows (amax/amin, 16-bit in float32 slices) marks exactly the rows isfinite would,
+    huge finite values included (a sum would overflow); poison_ leaves other rows bitwise alone."""
+    x = torch.randn(shape).to(dt)
+    big = torch.finfo(dt).max
+    for i, val in spots:
+        if x.numel():
+            x.view(-1)[i % x.numel()] = {"max": big, "-max": -big}.get(val, val)
+    old, finite._CHUNK_ELEMS = finite._CHUNK_ELEMS, chunk
+    try:
+        got = finite.bad_rows(x)
+    finally:
+        finite._CHUNK_ELEMS = old
+    assert torch.equal(got, ~torch.isfinite(x).all(dim=-1)) and got.shape == x.shape[:-1]
+    assert finite.all_finite(x) == bool(torch.isfinite(x).all())
+    if x.dim() >= 2:
+        out, lse = x.clone(), torch.randn(x.shape[:-1])
+        rows = torch.rand(x.shape[:-1]) < 0.5
+        finite.poison_(out, lse, rows)
+        assert torch.isnan(out[rows]).all() and torch.isnan(lse[rows]).all()
+        keep = ~rows
+        assert torch.equal(out[keep].view(torch.uint8), x[keep].contiguous().view(torch.uint8))
+
+
+@pytest.mark.parametrize("where", ["k", "v"])
+@pytest.mark.parametrize("value", VALUES)
+def test_paged_kernel_one_query_per_request_without_host_reads(where, value):
+    """DCP's shape of call (one query per request) on the no-host-read path, which then cleans
+    nothing: a NaN/inf at a live key poisons exactly its request's rows that see it (its KV
+    head's), one past a request's length or in a garbage block changes nothing, and huge finite
+    values are not taken for inf. Bitwise the same as the host-read path (NaN bits aside)."""
+    torch.manual_seed(5)
+    lens = [7, 12, 3]  # request 1's last block (block size 8) has 4 slots past its length
+    B, hq, hkv, d = len(lens), 4, 2, 8
+    k, v = torch.randn(sum(lens), hkv, d), torch.randn(sum(lens), hkv, d)
+    k[0, 0, 0] = torch.finfo(torch.float32).max / 4  # finite, absurd: a sum would overflow
+    q = torch.randn(B, hq, d)
+    sh = layout.shard_kv(k, v, torch.tensor(lens), world_size=1, block_size=8, spare_blocks=1)[0]
+    table = sh.block_table
+    args = dict(q=q, block_table=table, query_start_loc=torch.arange(B + 1), visible_lens=torch.tensor(lens),
+                scale=0.3, v_head_dim=d, max_query_len=1, max_kv_len=max(lens))
+    cache = {"k": sh.k_cache, "v": sh.v_cache}
+
+    def run(**caches):
+        res = []
+        for host_checks in (True, False):
+            paged.HOST_CHECKS = host_checks
+            try:
+                res.append(paged.paged_attention(k_cache=caches["k"], v_cache=caches["v"], **args))
+            finally:
+                paged.HOST_CHECKS = True
+        for x1, x2 in zip(*res):  # the same NaNs, and bitwise the same numbers elsewhere
+            nan = torch.isnan(x1)
+            assert torch.equal(nan, torch.isnan(x2)) and torch.equal(x1[~nan], x2[~nan])
+        return res[0]
+
+    clean_o, clean_l = run(**cache)
+    assert torch.isfinite(clean_l).all()
+    live = (int(table[1, 1]), 2, 1)  # request 1, position 10, KV head 1
+    dead = (int(table[1, 1]), 6, 1)  # request 1, position 14 >= 12: past its length
+    spare = (int(sh.k_cache.shape[0]) - 1, 0, 0)  # a block no request uses
+    for spot, seen in ((live, True), (dead, False), (spare, False)):
+        bad = dict(cache)
+        bad[where] = cache[where].clone()
+        bad[where][spot[0], spot[1], spot[2], 3] = value
+        o, l = run(**bad)
+        hit = torch.zeros(B, hq, dtype=torch.bool)
+        if seen:
+            hit[1, 2:] = True  # query heads 2, 3 use KV head 1
+        assert torch.equal(torch.isnan(l), hit) and torch.isnan(o[hit]).all()
+        assert torch.equal(o[~hit], clean_o[~hit]) and torch.equal(l[~hit], clean_l[~hit])
 
 
 # ------------------------------------------------------------------ DCP and PCP on gloo ranks

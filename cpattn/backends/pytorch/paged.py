@@ -34,7 +34,18 @@ rows are zeros and 0 * inf is NaN), one in V makes ``p @ V`` non-finite, and bot
 to the chunk. Only then is the chunk cleaned (its non-finite values zeroed, so that a masked
 key's weight 0 times NaN cannot reach a query that does not see it) and run again, and the first
 such position per request and KV head is kept: every query whose visible prefix reaches it is
-poisoned. Off CPU every chunk is cleaned that way (no host sync).
+poisoned. Without host reads (off CPU, and inside a plan's ``run``) no chunk can be checked
+first, and no extra pass over K is made either: the score bmm carries one extra query row per
+KV head and request, ``_PROBE`` in every channel, whose score ``sum(_PROBE * k)`` is non-finite
+exactly when the key is (too small a factor for any finite key to overflow it; not zero, so no
+BLAS can skip it). With several queries per request (a key can then be hidden from an earlier
+query of its request) V's rows are searched too (:mod:`.finite`) and V is cleaned. With one query
+per request (how DCP always runs this kernel) no key of a chunk is hidden from a query that could
+meet it (rows past a request's length are zeroed in the gather), so nothing is cleaned: a
+non-finite V shows in ``p @ V``, caught at the end. On the CPU of docs/performance.md this path
+costs 0-10% more CPU time than the host-read one (8 x 4096 tokens, bfloat16; up to ~15% for
+float32, whose float64 score bmm pays for the probe row), where a reduction pass over K cost 10-18%
+and ``isfinite`` over K 3-4x.
 
 No host sync off CPU: the caller passes ``max_query_len`` and ``max_kv_len`` (host ints it
 already has); on CPU, where it is free, ``min(visible_lens)`` is read too so that chunks every
@@ -45,10 +56,15 @@ from __future__ import annotations
 import torch
 
 from ..hostsync import host_reads_allowed
+from .finite import all_finite, bad_rows, poison_
 
-#: Host reads where they are free (CPU). False runs the path used on other devices (no host
-#: sync: every chunk masked and cleaned); tests set it to check that path on CPU.
+#: Host reads where they are free (CPU). False runs the path used on other devices and inside a
+#: plan's ``run`` (no host sync: every chunk masked, K searched by the probe row); tests set it
+#: to check that path on CPU.
 HOST_CHECKS = True
+#: The probe row's value: small enough that no finite key (float32 range, head dims < 2**16)
+#: can overflow its score, large enough to stay a normal number in float32.
+_PROBE = 2.0 ** -64
 _CHUNK_ELEMS = 1 << 21  # elements per temporary (8 MiB in float32); measured best of 2^18..2^23 on CPU
 
 
@@ -81,7 +97,7 @@ def paged_attention(q, k_cache, v_cache, block_table, query_start_loc, visible_l
     if T == 0 or B == 0 or NB == 0 or max_kv_len <= 0:
         return out, lse
     qs = q.to(cd) * scale
-    q_bad = ~torch.isfinite(qs).all(dim=-1)  # [T, Hq]: poisoned queries (if they see any key), overflow included
+    q_bad = bad_rows(qs)  # [T, Hq]: poisoned queries (if they see any key), overflow included
 
     # Pad queries per request: token t -> (request b, slot j). Query rows are laid out
     # [Hkv, B, Qm * G, D] so that each KV head's scores are one contiguous bmm output.
@@ -97,6 +113,13 @@ def paged_attention(q, k_cache, v_cache, block_table, query_start_loc, visible_l
     # Below min(visible) nothing is masked. Known for free on CPU; elsewhere mask every chunk
     # rather than sync with the host.
     on_cpu = dev.type == "cpu" and HOST_CHECKS and host_reads_allowed()
+    QG = Qm * G
+    # Without host reads, K is searched for NaN/inf by the score bmm itself: one extra query row
+    # per KV head and request holding _PROBE in every channel scores sum(_PROBE * k) per key,
+    # non-finite exactly when the key is (no finite key can overflow it), at no extra pass over K.
+    QGx = QG if on_cpu else QG + 1
+    if not on_cpu:
+        qp = torch.cat([qp, torch.full((Hkv, B, 1, Dqk), _PROBE, dtype=cd, device=dev)], dim=2)
     if min_visible is not None:
         no_mask_below = int(min_visible)
     else:
@@ -106,7 +129,6 @@ def paged_attention(q, k_cache, v_cache, block_table, query_start_loc, visible_l
     per_pos = B * max(Hkv * max(Dqk, Dv), Hq * Qm)
     nblk = max(1, min(_CHUNK_ELEMS // max(per_pos * bs, 1), -(-max_kv_len // bs)))
     C = nblk * bs
-    QG = Qm * G
     m = torch.full((Hkv, B, QG), float("-inf"), dtype=cd, device=dev)
     l = torch.zeros_like(m)
     acc = torch.zeros(Hkv, B, QG, Dv, dtype=cd, device=dev)
@@ -114,7 +136,7 @@ def paged_attention(q, k_cache, v_cache, block_table, query_start_loc, visible_l
     table = block_table.to(torch.int64)
     n_cols = min(-(-max_kv_len // bs), table.shape[1])
     # Buffers reused by every chunk (fresh large allocations cost page faults on each chunk).
-    buf = _Buffers(B * nblk * bs, Hkv, Dqk, Dv, QG, q.dtype, cd, dev, with_v=v_cache is not None)
+    buf = _Buffers(B * nblk * bs, Hkv, Dqk, Dv, QGx, q.dtype, cd, dev, with_v=v_cache is not None)
     # first local position whose key or value holds a NaN/inf, per request and KV head
     no_bad = n_cols * bs
     first_bad = torch.full((B, Hkv), no_bad, dtype=torch.int64, device=dev)
@@ -129,17 +151,26 @@ def paged_attention(q, k_cache, v_cache, block_table, query_start_loc, visible_l
         kf = buf.gather(k_cache, ids, "k", B, c, dead)  # [B, c, Hkv, Dqk] compute dtype
         vf = kf[..., :Dv] if v_cache is None else buf.gather(v_cache, ids, "v", B, c, dead)
         v_sep = vf if v_cache is not None else None  # for MLA, V is a view of K
-        if not on_cpu:  # no host sync: clean every chunk
-            first_bad = torch.minimum(first_bad, _first_nonfinite(kf, v_sep, pos, no_bad))
-        s = buf.scores[: Hkv * B * QG * c].view(Hkv, B, QG, c)
+        s = buf.scores[: Hkv * B * QGx * c].view(Hkv, B, QGx, c)
         for check in ((True, False) if on_cpu else (False,)):
             # On CPU a NaN/inf in K shows in the raw scores of every query slot (padding slots are
             # zeros: 0 * inf is NaN) and one in V in p @ V (0 * NaN is NaN): two small checks,
             # no pass over the chunk. Then, and only then, the chunk is cleaned and run again.
             for h in range(Hkv):
                 torch.bmm(qp[h], kf[:, :, h].transpose(1, 2), out=s[h])
-            if check and not _finite(s):
-                first_bad = torch.minimum(first_bad, _first_nonfinite(kf, v_sep, pos, no_bad))
+            if not on_cpu:  # no host sync: the probe row found K's non-finite keys
+                k_bad = ~torch.isfinite(s[:, :, QG])  # [Hkv, B, c]
+                first_bad = torch.minimum(first_bad, torch.where(k_bad, pos, no_bad).amin(dim=-1).t())
+                s = s[:, :, :QG]
+                # One query per request (DCP): nothing is hidden, nothing cleaned (module doc).
+                # Several: a later query's key is hidden from an earlier one, so V is searched and
+                # cleaned (weight 0 times NaN must not reach it); hidden K scores are masked anyway.
+                if masked and Qm > 1:
+                    first_bad = torch.minimum(first_bad, _first_nonfinite(vf, None, pos, no_bad, q.dtype))
+                    vf.nan_to_num_(0.0, 0.0, 0.0)  # for MLA a view of K, already scored
+            if check and not all_finite(s):
+                first_bad = torch.minimum(first_bad, _first_nonfinite(kf, v_sep, pos, no_bad, q.dtype))
+                _clean(kf, v_sep)
                 continue
             if masked:
                 hidden = pos.view(1, 1, -1) >= vis[:, :, None]  # [B, Qm, c]
@@ -149,8 +180,9 @@ def paged_attention(q, k_cache, v_cache, block_table, query_start_loc, visible_l
             p = torch.exp_(s.sub_(m_safe[..., None]))
             for h in range(Hkv):
                 torch.bmm(p[h], vf[:, :, h], out=pv[h])
-            if check and not _finite(pv):
-                first_bad = torch.minimum(first_bad, _first_nonfinite(kf, v_sep, pos, no_bad))
+            if check and not all_finite(pv):
+                first_bad = torch.minimum(first_bad, _first_nonfinite(kf, v_sep, pos, no_bad, q.dtype))
+                _clean(kf, v_sep)
                 continue
             alpha = torch.exp(m - m_safe)
             l.mul_(alpha).add_(p.sum(dim=-1))
@@ -170,29 +202,27 @@ def paged_attention(q, k_cache, v_cache, block_table, query_start_loc, visible_l
     t_vis = visible_lens.to(torch.int64)[:, None]  # [T, 1]
     kv_bad = (t_vis > first_bad[req]).repeat_interleave(G, dim=1)  # [T, Hq]
     sees = t_vis > 0
-    poisoned = sees & (q_bad | kv_bad | ~torch.isfinite(lse) | ~torch.isfinite(out).all(dim=-1))
-    out.masked_fill_(poisoned[..., None], float("nan"))
-    lse.masked_fill_(poisoned, float("nan"))
+    poisoned = sees & (q_bad | kv_bad | ~torch.isfinite(lse) | bad_rows(out))
+    poison_(out, lse, poisoned)
     return out, lse
 
 
-def _finite(x: torch.Tensor) -> bool:
-    """Whether ``x`` holds only finite values (one min/max pass; host sync)."""
-    return x.numel() == 0 or bool(torch.isfinite(torch.stack(torch.aminmax(x))).all())
-
-
-def _first_nonfinite(kf: torch.Tensor, vf: torch.Tensor | None, pos: torch.Tensor, none: int) -> torch.Tensor:
-    """``[B, Hkv]``: the first position in ``pos [c]`` whose key or value (``[B, c, Hkv, D]``) is
-    not finite (``none`` where none is); zeroes those values in place, so that masked
-    keys' weight 0 times NaN cannot reach the queries that do not see them."""
-    bad_k = ~torch.isfinite(kf)
-    bad = bad_k.any(dim=-1)  # [B, c, Hkv]
-    kf.masked_fill_(bad_k, 0.0)  # for MLA, V is a view of K: cleaned with it
+def _first_nonfinite(kf: torch.Tensor, vf: torch.Tensor | None, pos: torch.Tensor, none: int,
+                     src: torch.dtype) -> torch.Tensor:
+    """``[B, Hkv]``: the first position in ``pos [c]`` whose key or value (``[B, c, Hkv, D]``, the
+    compute-dtype copy of ``src`` data) is not finite (``none`` where none is)."""
+    bad = bad_rows(kf, src)  # [B, c, Hkv]
     if vf is not None:
-        bad_v = ~torch.isfinite(vf)
-        bad |= bad_v.any(dim=-1)
-        vf.masked_fill_(bad_v, 0.0)
+        bad |= bad_rows(vf, src)
     return torch.where(bad, pos[None, :, None], none).amin(dim=1)
+
+
+def _clean(kf: torch.Tensor, vf: torch.Tensor | None) -> None:
+    """Zero the non-finite values in place (for MLA, V is a view of K: cleaned with it), so that
+    masked keys' weight 0 times NaN cannot reach the queries that do not see them."""
+    kf.nan_to_num_(0.0, 0.0, 0.0)
+    if vf is not None:
+        vf.nan_to_num_(0.0, 0.0, 0.0)
 
 
 class _Buffers:

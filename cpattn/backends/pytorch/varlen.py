@@ -32,12 +32,15 @@ sign into its head-major copy of ``q`` (``q.k * s == (-q).k * |s|``, exact) and 
 as zero queries with scale 1 (every visible score 0, exact).
 
 NaN and inf are never hidden (:mod:`cpattn.reference`'s rule): one host check of ``q``, ``k``
-and ``v`` per call (the kernel reads ``cu_seqlens`` on the host anyway; a pass over the inputs
-is small next to the attention). When something is not finite the kernel runs on copies with
-those values zeroed (so a masked key's weight 0 times NaN cannot reach a row that does not see
-it) and then writes NaN (``out`` and ``lse``) into every row that sees a key and whose query, or
-the key or value of a key it sees, is not finite. ATen's flash kernel alone would hide some of
-them (a NaN query came out as finite numbers).
+and ``v`` per call (the kernel reads ``cu_seqlens`` on the host anyway; a min/max pass over the
+inputs is small next to the attention). When something is not finite the kernel runs on copies
+with those values zeroed (so a masked key's weight 0 times NaN cannot reach a row that does not
+see it; on the flash path the head-major copies are cleaned in place) and then writes NaN
+(``out`` and ``lse``) into every row that sees a key and whose query, or the key or value of a
+key it sees, is not finite. ATen's flash kernel alone would hide some of them (a NaN query came
+out as finite numbers). Without host reads (inside ``PcpPrefillPlan.run``) the check cannot
+decide anything: the rows are always searched (two reductions, :mod:`.finite`) and the copies
+always cleaned.
 """
 from __future__ import annotations
 
@@ -46,6 +49,7 @@ import math
 import torch
 
 from ..hostsync import host_reads_allowed
+from .finite import all_finite, bad_rows, poison_
 from ..positions import default_positions
 
 from .merge import merge as _merge_kernel
@@ -139,13 +143,18 @@ def _tile_generic(q, k, v, triangle: bool, scale: float):
     return out, lse
 
 
-def _head_major(x: torch.Tensor, width: int, dtype: torch.dtype) -> torch.Tensor:
-    """``[T, H, d]`` -> contiguous ``[H, T, width]`` in ``dtype`` (zero-padded channels past ``d``)."""
+def _head_major(x: torch.Tensor, width: int, dtype: torch.dtype, clean: bool = False) -> torch.Tensor:
+    """``[T, H, d]`` -> contiguous ``[H, T, width]`` in ``dtype`` (zero-padded channels past ``d``).
+    ``clean``: NaN/inf zeroed, in the copy (which is then never ``x``'s own memory)."""
     if x.shape[-1] == width:
-        return x.transpose(0, 1).to(dtype).contiguous()
+        xt = x.transpose(0, 1)
+        out = xt.to(dtype).contiguous()
+        if clean:  # in place on a fresh copy: a head-major x of the same dtype would come back as itself
+            out = (out.clone() if x.dtype == dtype and xt.is_contiguous() else out).nan_to_num_(0.0, 0.0, 0.0)
+        return out
     out = x.new_zeros(x.shape[1], x.shape[0], width, dtype=dtype)
     out[..., : x.shape[-1]] = x.transpose(0, 1)
-    return out
+    return out.nan_to_num_(0.0, 0.0, 0.0) if clean else out
 
 
 def _combine(parts, out, lse, dv: int, merge_dtype: torch.dtype) -> None:
@@ -228,13 +237,14 @@ def attention(q, k, v, cu_seqlens_q, cu_seqlens_k, q_positions=None, k_positions
     # for float32/float64 inputs, so merging adds no error visible at the input's precision
     acc_dtype = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else torch.float64
     bad = _nonfinite(q, k, v)  # None when everything is finite (the rule)
-    if bad is not None:
+    if bad is not None and not flash:  # run on copies with NaN/inf zeroed (flash: its copies below)
         q, k, v = (x.nan_to_num(0.0, 0.0, 0.0) for x in (q, k, v))
     if flash:
         # Head-major copies, once per call (about 15% faster tiles than strided token-major views);
         # the ATen kernel wants one head size: zero-pad the narrower side (no score or output changes).
         width = max(dqk, dv)
-        qh, kh, vh = (_head_major(x, width, _FLASH_DTYPE.get(q.dtype, q.dtype)) for x in (q, k, v))
+        qh, kh, vh = (_head_major(x, width, _FLASH_DTYPE.get(q.dtype, q.dtype), clean=bad is not None)
+                      for x in (q, k, v))
         flash_scale = scale
         if scale <= 0:  # the ATen kernel's causal mask needs a positive scale: fold the sign into q
             qh = -qh if scale < 0 else torch.zeros_like(qh)  # never in place: qh may share q's memory
@@ -288,9 +298,9 @@ def attention(q, k, v, cu_seqlens_q, cu_seqlens_k, q_positions=None, k_positions
 
 def _nonfinite(q, k, v):
     """``(q_bad [Tq, Hq], kv_bad [Tk, Hkv])`` marking rows with a NaN/inf, or None when all is finite."""
-    if host_reads_allowed() and all(bool(torch.isfinite(x).all()) for x in (q, k, v)):
+    if host_reads_allowed() and all(all_finite(x) for x in (q, k, v)):
         return None  # inside a plan's run() no host read: always the masks (and cleaned copies)
-    return ~torch.isfinite(q).all(dim=-1), ~(torch.isfinite(k).all(dim=-1) & torch.isfinite(v).all(dim=-1))
+    return bad_rows(q), bad_rows(k) | bad_rows(v)
 
 
 def _poison(out, lse, bad, cu_q: list[int], cu_k: list[int], q_pos, k_pos) -> None:
@@ -299,7 +309,7 @@ def _poison(out, lse, bad, cu_q: list[int], cu_k: list[int], q_pos, k_pos) -> No
     non-finite (finite but absurd inputs). A query at position ``p`` sees the keys of its sequence
     at positions ``<= p`` (causal) or all of them (``q_pos``/``k_pos`` None)."""
     sees = ~torch.isneginf(lse)  # the kernel ran on finite inputs: -inf exactly where no key is seen
-    poisoned = sees & ~(torch.isfinite(lse) & torch.isfinite(out).all(dim=-1))
+    poisoned = sees & (~torch.isfinite(lse) | bad_rows(out))
     if bad is not None:
         q_bad, kv_bad = bad
         hq, hkv = q_bad.shape[1], kv_bad.shape[1]
@@ -318,5 +328,4 @@ def _poison(out, lse, bad, cu_q: list[int], cu_k: list[int], q_pos, k_pos) -> No
         first.scatter_reduce_(0, seq_k[:, None].expand(nk, hkv), at, "amin")
         sees_bad = (qp[:, None] >= first[seq_q]).repeat_interleave(hq // hkv, dim=1)  # [nq, Hq]
         poisoned[:nq] |= sees[:nq] & (q_bad[:nq] | sees_bad)
-    out.masked_fill_(poisoned[..., None], float("nan"))
-    lse.masked_fill_(poisoned, float("nan"))
+    poison_(out, lse, poisoned)
