@@ -12,7 +12,9 @@ PY    := $(VENV)/bin/python
 # The AscendC backend's host code, compile-checked without CANN (g++ -fsyntax-only) against the C++
 # headers shipped in the torch_npu wheel (and its ACL/HCCL headers) and the torch release it pairs
 # with, installed (no dependencies) into a separate venv: torch_npu must never be installed into
-# .venv, where it would make `import torch` fail without CANN. What it covers: docs/ascendc.md.
+# .venv, where it would make `import torch` fail without CANN. Only the wheels' headers are read
+# (nothing there is imported), so pip skips byte-compiling their Python files (--no-compile: a
+# third of the install time). What it covers: docs/ascendc.md.
 NPU_VENV  ?= .venv-npu-check
 TORCH_NPU ?= torch-npu==2.14.0
 NPU_TORCH ?= torch==2.14.1
@@ -42,7 +44,7 @@ thorough: $(VENV)/.installed
 
 $(NPU_VENV)/.installed: Makefile
 	python3 -m venv $(NPU_VENV)
-	$(NPU_VENV)/bin/python -m pip install -q --no-deps "$(NPU_TORCH)" "$(TORCH_NPU)"
+	$(NPU_VENV)/bin/python -m pip install -q --no-deps --no-compile "$(NPU_TORCH)" "$(TORCH_NPU)"
 	touch $@
 
 check-ascendc-host: $(NPU_VENV)/.installed

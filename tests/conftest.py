@@ -8,6 +8,7 @@ before resolving an issue) and ``ascend`` (the triton-ascend interpreter lane of
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -51,6 +52,8 @@ def gloo():
         return _worlds[n]
 
     yield get
-    for w in _worlds.values():
-        w.close()
+    # close the worlds side by side: each close waits for its ranks to leave the process group
+    # and exit (seconds on a loaded machine), and the worlds are independent
+    with ThreadPoolExecutor(max(1, len(_worlds))) as pool:
+        list(pool.map(GlooWorld.close, _worlds.values()))
     _worlds.clear()

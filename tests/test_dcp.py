@@ -78,7 +78,7 @@ def check_case(p: dict, results: list[dict]) -> None:
                 assert torch.equal(results[r][cmb][1], results[0][cmb][1]), f"{cmb}: rank {r} lse differs from rank 0"
 
 
-@settings(max_examples=examples(40, 1000))
+@settings(max_examples=examples(25, 1000))
 @given(p=cases())
 def test_dcp_matches_oracle_every_strategy(gloo, p):
     combines = list(dcp_combine.allowed(p["heads"])) + [None]  # None: the default

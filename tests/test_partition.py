@@ -35,7 +35,7 @@ def cu_of(lens):
     return torch.tensor([0] + torch.tensor(lens, dtype=torch.int64).cumsum(0).tolist(), dtype=torch.int64)
 
 
-@settings(max_examples=examples(200, 3000))
+@settings(max_examples=examples(100, 3000))
 @given(lens=lengths, n=worlds, data=st.data())
 def test_matches_plain_loop(lens, n, data):
     r = data.draw(st.integers(0, n - 1))
@@ -47,7 +47,7 @@ def test_matches_plain_loop(lens, n, data):
     assert part.index.dtype == torch.int64 and part.num_tokens == len(index)
 
 
-@settings(max_examples=examples(200, 3000))
+@settings(max_examples=examples(100, 3000))
 @given(lens=lengths, n=worlds)
 def test_every_token_exactly_once_and_restore_inverts(lens, n):
     cu = cu_of(lens)
@@ -67,7 +67,7 @@ def test_every_token_exactly_once_and_restore_inverts(lens, n):
             assert bool((pos[1:] > pos[:-1]).all())
 
 
-@settings(max_examples=examples(200, 3000))
+@settings(max_examples=examples(100, 3000))
 @given(L=st.integers(0, 100_000), n=worlds)
 def test_chunks_differ_by_at_most_one_token(L, n):
     sizes = []

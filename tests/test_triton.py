@@ -112,7 +112,7 @@ from test_dcp import cases, check_case  # noqa: E402
 
 
 @pytest.mark.distributed
-@settings(max_examples=examples(12, 200))
+@settings(max_examples=examples(8, 200))
 @given(p=cases(worlds=(1, 2, 3)))
 def test_dcp_on_triton_kernels_matches_oracle(gloo, p):
     """The whole DCP op with backend="triton": the paged kernel on every rank and the merge."""
@@ -123,7 +123,7 @@ def test_dcp_on_triton_kernels_matches_oracle(gloo, p):
     check_case(p, gloo(p["world"]).run(run_case, {**p, "backend": "triton"}, combines))
 
 
-@settings(max_examples=examples(25, 1000))
+@settings(max_examples=examples(15, 1000))
 @given(seed=st.integers(0, 2**31 - 1), hkv=st.sampled_from([1, 2]), group=st.sampled_from([1, 3, 17]),
        bs=st.sampled_from([1, 4, 16]), dtype=st.sampled_from(DTYPES), mla=st.booleans())
 def test_paged_kernel_arbitrary_visibility_never_reads_stale_slots(seed, hkv, group, bs, dtype, mla):
@@ -180,7 +180,7 @@ import pcp_ranks  # noqa: E402
 from test_pcp import check_rows, oracle  # noqa: E402
 
 
-@settings(max_examples=examples(25, 1000))
+@settings(max_examples=examples(15, 1000))
 @given(seed=st.integers(0, 2**31 - 1), lens=st.lists(st.integers(0, 40), min_size=1, max_size=3),
        hkv=st.sampled_from([1, 2]), group=st.sampled_from([1, 3]), dims=st.sampled_from([(16, 16), (24, 8), (8, 40)]),
        dtype=st.sampled_from(DTYPES), causal=st.booleans(), positions=st.sampled_from(["default", "random"]))
