@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import example, given, settings, strategies as st
 
 import cpattn
 from cpattn import reference
@@ -184,6 +184,10 @@ from test_pcp import check_rows, oracle  # noqa: E402
 @given(seed=st.integers(0, 2**31 - 1), lens=st.lists(st.integers(0, 40), min_size=1, max_size=3),
        hkv=st.sampled_from([1, 2]), group=st.sampled_from([1, 3]), dims=st.sampled_from([(16, 16), (24, 8), (8, 40)]),
        dtype=st.sampled_from(DTYPES), causal=st.booleans(), positions=st.sampled_from(["default", "random"]))
+# the CI profile's derandomized draws never pick bfloat16 here: one explicit bfloat16 case, GQA,
+# causal with unsorted positions and a zero-length sequence
+@example(seed=5, lens=[17, 0, 33], hkv=2, group=3, dims=(24, 8), dtype=torch.bfloat16, causal=True,
+         positions="random")
 def test_varlen_kernel_matches_reference(seed, lens, hkv, group, dims, dtype, causal, positions):
     """Direct kernel call: packed sequences (0 included), GQA, Dqk != Dv, explicit unsorted positions."""
     _backend_ok()
