@@ -182,6 +182,21 @@ def test_emu_paged_decode_nan_propagates_only_from_live_entries(group):
     assert torch.isnan(out[2, group:, 2]).all() and not torch.isnan(lse).any()
 
 
+def test_emu_paged_decode_inf_key_seen_alone_is_nan_not_empty():
+    """A token whose only visible key holds an inf that makes its score -inf must not come back
+    as an empty row (0, -inf), which a merge would drop: it is NaN, as cpattn.reference says."""
+    c = dict(mla=False, hkv=1, hq=2, dqk=8, dv=8, bs=4, il=1, world=1, rank=0, lens=[1, 5], nq=[1, 1],
+             dtype="float32", seed=4)
+    kw, *_ = paged_inputs(c)
+    blk = int(kw["block_table"][0, 0])
+    kw["k_cache"][blk, 0, 0, :] = 0.0
+    kw["k_cache"][blk, 0, 0, 0] = float("inf")  # score of query head h: q[h, 0] * inf
+    kw["q"][0, :, 0] = torch.tensor([-1.0, 2.0])  # head 0 scores -inf, head 1 +inf
+    out, lse = _emu().run("paged_attention", **kw)
+    assert torch.isnan(lse[0]).all() and torch.isnan(out[0]).all()
+    assert torch.isfinite(lse[1]).all() and torch.isfinite(out[1]).all()
+
+
 def test_emu_paged_decode_bad_block_table_entry_gives_nan_not_a_fault():
     """A block-table entry outside the cache, below a query's visible length, would be an
     out-of-bounds read on the NPU: the kernel checks every entry it will use and turns that

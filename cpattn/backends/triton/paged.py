@@ -100,7 +100,7 @@ def _paged_decode_kernel(
                 vt = tl.load(v_page + rows[:, None] * sv_s + dv_offs[None, :],
                              mask=(rows[:, None] < page_len) & (dv_offs[None, :] < n_dv), other=0.0)
                 m_i, l_i, acc = online_step(m_i, l_i, acc, s, vt.to(tl.float32))
-        o, lse = finish(m_i, l_i, acc)
+        o, lse = finish(m_i, l_i, acc, tl.zeros([BLOCK_G], tl.int32) + n_vis > 0)
         o_base = out_ptr + tl.cast(t, tl.int64) * so_t + head0 * so_h + dv0
         tl.store(o_base + g_offs[:, None] * so_h + dv_offs[None, :], o.to(out_ptr.dtype.element_ty),
                  mask=(g_offs[:, None] < n_g) & (dv_offs[None, :] < n_dv))

@@ -19,13 +19,14 @@ def online_step(m_i, l_i, acc, s, v_tile):
 
 
 @triton.jit
-def finish(m_i, l_i, acc):
-    """``(out, lse)`` of each row; a row that saw no key gives ``(0, -inf)``.
+def finish(m_i, l_i, acc, sees):
+    """``(out, lse)`` of each row; a row that saw no key (``sees`` false) gives ``(0, -inf)``.
 
-    A NaN weight sum means a visible score was NaN or ``+inf`` (a NaN query, a NaN/inf key):
-    that row becomes NaN (output and LSE), as plain attention's would, instead of being
-    mistaken for a row with no key."""
-    bad = l_i != l_i
+    A NaN weight sum means a visible score was NaN or ``+inf`` (a NaN query, a NaN/inf key), and
+    a zero weight sum on a row that sees keys means every visible score was ``-inf`` (an inf in
+    the query or a key, of the opposite sign): either way that row becomes NaN (output and LSE),
+    as ``cpattn.reference`` poisons it, instead of being mistaken for a row with no key."""
+    bad = (l_i != l_i) | (sees & (l_i == 0))
     seen = l_i > 0
     denom = tl.where(seen, l_i, 1.0)
     out = tl.where(bad[:, None], float("nan"), acc / denom[:, None])

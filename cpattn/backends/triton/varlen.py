@@ -88,6 +88,7 @@ def _varlen_kernel(
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+        sees = tl.zeros([BLOCK_M], tl.int32)  # rows that see at least one key
         for n0 in range(k_start, k_end, BLOCK_N):
             n_cols = k_end - n0  # valid keys of the tile: n_offs < n_cols
             cmask = n_offs < n_cols
@@ -107,10 +108,11 @@ def _varlen_kernel(
                 if CAUSAL:
                     keep = keep & (kp[None, :] <= qp[:, None])
                 s = tl.where(keep, s * scale, float("-inf"))
+                sees = tl.maximum(sees, tl.max(keep.to(tl.int32), axis=1))
                 vt = tl.load(v_head + n0_64 * sv_t + n_offs[:, None] * sv_t + dv_offs[None, :],
                              mask=(n_offs[:, None] < n_cols) & (dv_offs[None, :] < n_dv), other=0.0)
                 m_i, l_i, acc = online_step(m_i, l_i, acc, s, vt.to(tl.float32))
-        o, lse = finish(m_i, l_i, acc)
+        o, lse = finish(m_i, l_i, acc, sees > 0)
         o_base = out_ptr + row0_64 * so_t + tl.cast(hq, tl.int64) * so_h + dv0
         tl.store(o_base + m_offs[:, None] * so_t + dv_offs[None, :], o.to(out_ptr.dtype.element_ty),
                  mask=(m_offs[:, None] < n_rows) & (dv_offs[None, :] < n_dv))

@@ -220,14 +220,18 @@ class AttnTile {
   }
 
   // Results of the item into the output queues (caller: DeQueOut/DeQueLse, copy out, FreeOut).
-  // poison: the item read an invalid block-table entry; its rows become NaN.
+  // poison: the item read an invalid block-table entry; its rows become NaN. So does a row that
+  // saw keys whose scores were all -inf (l = 0 after a key: an inf input).
   __aicore__ inline void Finish(bool poison) {
     const uint32_t rv = t_.rowV;
-    bool empty[kMaxRows];
+    bool empty[kMaxRows], bad[kMaxRows];
     SyncVS();  // the previous item's vector reads of lnIn_ are done
     for (uint32_t r = 0; r < nRows_; ++r) {
-      empty[r] = !poison && (cnt_[r] == 0 || l_[r] == 0.0f);
-      lnIn_.SetValue(r, (empty[r] || poison) ? 1.0f : l_[r]);
+      // a row that saw keys but holds no weight: every visible score was -inf (an inf in q or
+      // a key): poisoned, never mistaken for a row with no key
+      bad[r] = poison || (cnt_[r] > 0 && l_[r] == 0.0f);
+      empty[r] = !bad[r] && cnt_[r] == 0;
+      lnIn_.SetValue(r, (empty[r] || bad[r]) ? 1.0f : l_[r]);
     }
     SyncSV();
     AscendC::Ln(lnOut_, lnIn_, static_cast<int32_t>(nRows_));
@@ -235,7 +239,7 @@ class AttnTile {
     SyncVS();
     for (uint32_t r = 0; r < nRows_; ++r) {
       float lse;
-      if (poison) {
+      if (bad[r]) {
         lse = QuietNaN();
         AscendC::Duplicate(acc_[r * rv], QuietNaN(), static_cast<int32_t>(t_.dv));
       } else if (empty[r]) {
