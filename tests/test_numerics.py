@@ -124,7 +124,7 @@ def test_strict_merge_propagates_nan_and_keeps_other_rows(backend, n, seed, dtyp
     """``nan_propagate=True`` (DCP/PCP's internal merges): a NaN or +inf input LSE makes the row
     NaN; every other row is bit for bit the public merge's."""
     if backend == "triton":
-        pytest.importorskip("triton")
+        pytest.importorskip("triton", reason="the triton package is not installed (pip install cpattn[triton])")
     g = torch.Generator().manual_seed(seed)
     outs = [torch.randn(6, 3, 5, generator=g).to(dtype) for _ in range(n)]
     lses = [torch.randn(6, 3, generator=g) * 3 for _ in range(n)]
@@ -480,7 +480,7 @@ def test_dcp_and_pcp_are_forward_only():
 def test_triton_varlen_scale_not_positive_matches_oracle():
     """The Triton varlen kernel masks after scaling, so a scale <= 0 is right there too (checked
     under the CPU interpreter; its NaN handling is the Triton kernel's own, tested with it)."""
-    pytest.importorskip("triton")
+    pytest.importorskip("triton", reason="the triton package is not installed (pip install cpattn[triton])")
     g = torch.Generator().manual_seed(5)
     q, k, v = torch.randn(9, 2, 16, generator=g), torch.randn(9, 1, 16, generator=g), torch.randn(9, 1, 16, generator=g)
     cu = torch.tensor([0, 4, 9])
