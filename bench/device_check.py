@@ -23,7 +23,9 @@ the flash backend on the same tokens (goal 0.80); the eager PyTorch formula and 
 Plan/run under a CUDA graph: when ``cpattn.DcpDecodePlan`` exists, ``run`` is captured in a
 ``torch.cuda.CUDAGraph`` (with ``torch.cuda.set_sync_debug_mode("error")`` around it: no host
 sync may happen), replayed after ``plan()`` with new lengths, and compared with eager ``run``
-and the float64 reference; otherwise the row says "skipped: no plan/run API".
+and the float64 reference; otherwise the row says "skipped: no plan/run API". Beside it, what
+one eager ``run`` allocates (``torch.cuda.memory_stats``: count and bytes), at two steps'
+lengths: they must be equal (nothing sized by the data; the plan holds every other buffer).
 
 ``--dry-run`` runs the same code at tiny sizes on CPU with ``TRITON_INTERPRET=1`` (set before
 the kernels are imported) so the script cannot rot between GPU runs; its timings mean nothing.
@@ -375,6 +377,18 @@ def run_graph(device, dtype, dry, out):
                 torch.cuda.set_sync_debug_mode(0)
 
         checked_run()
+        allocs = {}  # what one eager run allocates, at two steps' lengths (issue 8: nothing sized by data)
+        for name, lens in (("a", lens_a), ("b", lens_b)):
+            plan.plan(lens, table)
+            plan.run(q, k_cache, v_cache, out=buf)
+            torch.cuda.synchronize()
+            before = torch.cuda.memory_stats()
+            plan.run(q, k_cache, v_cache, out=buf)
+            torch.cuda.synchronize()
+            after = torch.cuda.memory_stats()
+            allocs[name] = tuple(after[k] - before[k] for k in ("allocation.all.allocated",
+                                                                 "allocated_bytes.all.allocated"))
+        plan.plan(lens_a, table)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):  # the context synchronises on entry: outside the debug mode
             checked_run()
@@ -383,7 +397,10 @@ def run_graph(device, dtype, dry, out):
         torch.cuda.synchronize()
         replayed = buf.clone()
         how = "captured in a CUDA graph, replayed after plan() with new lengths"
+        alloc = {"allocations_per_run": allocs["a"][0], "allocated_bytes_per_run": allocs["a"][1],
+                 "same_allocations_at_other_lengths": allocs["a"] == allocs["b"]}
     else:
+        alloc = {}
         plan.plan(lens_b, table)
         replayed = plan.run(q, k_cache, v_cache).clone()
         how = "eager only (no CUDA on this machine)"
@@ -397,8 +414,9 @@ def run_graph(device, dtype, dry, out):
         bo, _ = _ref_rows(q[b:b + 1], k, v, 1 / math.sqrt(d), dtype)
         c = compare(replayed[b:b + 1], ro, bo.to(dtype), dtype=dtype)
         ok, worst = ok and c["ok"], max(worst, c["err"] / max(c["tol"], 1e-30))
+    ok = ok and alloc.get("same_allocations_at_other_lengths", True)
     out["graph"] = {"status": "ok" if ok else "FAIL", "how": how, "replay_equals_eager": bool(torch.equal(replayed, eager)),
-                    "worst_err_over_tol": worst}
+                    "worst_err_over_tol": worst, **alloc}
 
 
 # ----------------------------------------------------------------------------- report

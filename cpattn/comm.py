@@ -141,13 +141,17 @@ def _portable(group) -> bool:
     return dist.get_backend(group) in PORTABLE_BACKENDS
 
 
-def _words(t: torch.Tensor, word: torch.dtype) -> torch.Tensor:
+def _words(t: torch.Tensor, word: torch.dtype, *, written: bool = False) -> torch.Tensor:
     """The bytes of contiguous ``t`` as a 1-D tensor of ``word``: the same storage, or for an
-    input whose storage offset is not a whole number of words, a copy (outputs are fresh buffers)."""
+    input whose storage offset is not a whole number of words, a copy. ``written``: ``t`` is a
+    collective's output, which must be viewed in place (a copy would drop what is received)."""
     b = t.reshape(-1).view(torch.uint8)
     try:
         return b.view(word)
     except RuntimeError:
+        if written:
+            raise RuntimeError(f"cpattn.comm: an output buffer at byte offset {t.storage_offset() * t.element_size()} "
+                               f"cannot be viewed as {word}; pass a word-aligned buffer") from None
         return b.clone().view(word)
 
 
@@ -155,18 +159,31 @@ def _word_for(nbytes: int) -> torch.dtype:
     return torch.int32 if nbytes % 4 == 0 else torch.int8
 
 
-def all_gather(t: torch.Tensor, group=None) -> torch.Tensor:
-    """``[N, *t.shape]``: every rank's ``t`` (same shape on all ranks), through a flat buffer."""
+def _out_buffer(op: str, out: torch.Tensor | None, numel: int, like: torch.Tensor) -> torch.Tensor:
+    """``out`` (a caller's preallocated buffer: contiguous, ``like``'s dtype and device, exactly
+    ``numel`` elements) flattened, or a new one."""
+    if out is None:
+        return torch.empty(numel, dtype=like.dtype, device=like.device)
+    if out.numel() != numel or out.dtype != like.dtype or out.device != like.device or not out.is_contiguous():
+        raise ValueError(f"{op}: out must be a contiguous {like.dtype} buffer of {numel} elements on {like.device}; "
+                         f"got {tuple(out.shape)} {out.dtype} on {out.device}")
+    return out.view(-1)
+
+
+def all_gather(t: torch.Tensor, group=None, *, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``[N, *t.shape]``: every rank's ``t`` (same shape on all ranks), through a flat buffer
+    (``out``: a preallocated one of ``N * t.numel()`` elements, written and returned as a view)."""
     n = world_size(group)
     if n == 1:
-        return t.unsqueeze(0)
+        return t.unsqueeze(0) if out is None else _out_buffer("all_gather", out, t.numel(), t).copy_(
+            t.reshape(-1)).view(1, *t.shape)
     src = t.contiguous()
-    flat = torch.empty(n * src.numel(), dtype=src.dtype, device=src.device)
+    flat = _out_buffer("all_gather", out, n * src.numel(), src)
     if not _portable(group):
         _all_gather_flat(flat, src.view(-1), group=group)
         return flat.view(n, *src.shape)
     word = _word_for(src.numel() * src.element_size())
-    out, inp = _words(flat, word), _words(src, word)
+    out, inp = _words(flat, word, written=True), _words(src, word)
     if n in _FLAT_WORLD_UNSUPPORTED:  # the list form, into views of the flat buffer
         dist.all_gather(list(out.view(n, inp.numel()).unbind(0)), inp, group=group)
     else:
@@ -200,37 +217,42 @@ def _sum_blocks(blocks: torch.Tensor, n: int) -> torch.Tensor:
     return acc
 
 
-def reduce_scatter_sum(t: torch.Tensor, group=None) -> torch.Tensor:
-    """``t [N * m, ...]`` summed over ranks; this rank keeps rows ``[rank*m, (rank+1)*m)``."""
+def reduce_scatter_sum(t: torch.Tensor, group=None, *, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``t [N * m, ...]`` summed over ranks; this rank keeps rows ``[rank*m, (rank+1)*m)``
+    (``out``: a preallocated ``m * prod(t.shape[1:])``-element buffer for them; the HCCL
+    fallback for dtypes it cannot sum still allocates its all-to-all's receive buffer)."""
     n = world_size(group)
     if n == 1:
-        return t
+        return t if out is None else _out_buffer("reduce_scatter_sum", out, t.numel(), t).copy_(
+            t.reshape(-1)).view(t.shape)
     src = t.contiguous()
+    shape = (src.shape[0] // n, *src.shape[1:])
+    dst = _out_buffer("reduce_scatter_sum", out, src.numel() // n, src).view(shape)
     if _portable(group) and (src.dtype not in _REDUCE_SCATTER_DTYPES or n in _FLAT_WORLD_UNSUPPORTED):
-        return _sum_blocks(all_to_all(src, group), n)  # the same bytes on the wire as a reduce-scatter
-    out = torch.empty((src.shape[0] // n, *src.shape[1:]), dtype=src.dtype, device=src.device)
-    _reduce_scatter_flat(out, src, op=dist.ReduceOp.SUM, group=group)
-    return out
+        return dst.copy_(_sum_blocks(all_to_all(src, group), n))  # the same bytes on the wire as a reduce-scatter
+    _reduce_scatter_flat(dst, src, op=dist.ReduceOp.SUM, group=group)
+    return dst
 
 
-def all_to_all(t: torch.Tensor, group=None) -> torch.Tensor:
+def all_to_all(t: torch.Tensor, group=None, *, out: torch.Tensor | None = None) -> torch.Tensor:
     """``t [N * m, ...]``: row block ``j`` goes to rank ``j``; returns the blocks received, in rank
-    order (block ``i`` came from rank ``i``)."""
+    order (block ``i`` came from rank ``i``), in ``out`` when given (a preallocated buffer of
+    ``t.numel()`` elements)."""
     n = world_size(group)
     if n == 1:
-        return t
+        return t if out is None else _out_buffer("all_to_all", out, t.numel(), t).copy_(t.reshape(-1)).view(t.shape)
     src = t.contiguous()
-    out = torch.empty_like(src)
+    out = _out_buffer("all_to_all", out, src.numel(), src).view(src.shape)
     if not _portable(group):
         dist.all_to_all_single(out, src, group=group)
         return out
     block_bytes = src.numel() // n * src.element_size()
     if block_bytes % 4 == 0:  # HCCL publishes all_to_all_single for fp32 only: move the bytes as fp32
-        dist.all_to_all_single(_words(out, torch.float32), _words(src, torch.float32), group=group)
+        dist.all_to_all_single(_words(out, torch.float32, written=True), _words(src, torch.float32), group=group)
         return out
     # Blocks that are no whole number of fp32 words: one batch of point-to-point transfers
     # (HCCL publishes P2P for every dtype); this rank's own block is a local copy.
-    me, ins, outs = rank(group), _words(src, torch.uint8).view(n, -1), _words(out, torch.uint8).view(n, -1)
+    me, ins, outs = rank(group), _words(src, torch.uint8).view(n, -1), _words(out, torch.uint8, written=True).view(n, -1)
     to_global = (lambda r: dist.get_global_rank(group, r)) if group is not None else (lambda r: r)
     ops = []
     for j in range(n):

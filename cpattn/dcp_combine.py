@@ -136,29 +136,72 @@ def expected_bytes(strategy: str, heads: str, world: int, T: int, H: int, Dv: in
     raise ValueError(f"unknown combine strategy {strategy!r}")
 
 
-def gather_heads(q: torch.Tensor, group) -> torch.Tensor:
-    """``q [T, S, D]`` on each rank -> ``[T, N*S, D]``, rank ``i``'s heads at ``i*S .. i*S+S-1``."""
+def gather_heads(q: torch.Tensor, group, workspace=None) -> torch.Tensor:
+    """``q [T, S, D]`` on each rank -> ``[T, N*S, D]``, rank ``i``'s heads at ``i*S .. i*S+S-1``
+    (in ``workspace``'s ``q_gather``/``q_heads`` buffers when given)."""
     n = comm.world_size(group)
     if n == 1:
         return q
+    T, S, D = q.shape
     _note("q_gather", "all_gather", q, n)
-    g = comm.all_gather(q, group)  # [N, T, S, D]
-    return g.permute(1, 0, 2, 3).reshape(q.shape[0], n * q.shape[1], q.shape[2])
+    g = comm.all_gather(q, group, out=_ws(workspace, "q_gather", (n * T * S * D,), q.dtype))  # [N, T, S, D]
+    if workspace is None:
+        return g.permute(1, 0, 2, 3).reshape(T, n * S, D)
+    dst = workspace.view("q_heads", (T, n, S, D), q.dtype)
+    return dst.copy_(g.permute(1, 0, 2, 3)).view(T, n * S, D)
 
 
-def _pack(lse: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """``[N, bytes]`` rows ``[lse_j | out_j]`` from ``lse [N, ...]`` and ``out [N, ...]``, each row
-    padded to a multiple of the LSE element size (so every row's LSE can be viewed in place)."""
-    n, a = lse.shape[0], lse.element_size()
-    rows = torch.cat([lse.contiguous().view(n, -1).view(torch.uint8), out.contiguous().view(n, -1).view(torch.uint8)], 1)
-    pad = _pad(rows.shape[1], a) - rows.shape[1]
-    return torch.nn.functional.pad(rows, (0, pad)) if pad else rows
+def _ws(workspace, name: str, shape, dtype):
+    return None if workspace is None else workspace.view(name, shape, dtype)
 
 
-def _unpack(row: torch.Tensor, lse_shape, lse_dtype, out_shape, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def partial_out(workspace, strategy: str, T: int, H: int, Dv: int, dtype: torch.dtype) -> torch.Tensor | None:
+    """Where the local kernel may write its partial ``out [T, H, Dv]`` so that :func:`combine`
+    moves it without a copy: inside the send buffer (``all_gather``), the workspace's
+    ``part_out`` otherwise; None without a workspace or at world size 1."""
+    if workspace is None or not workspace.has("send"):
+        return None
+    if strategy == "all_gather":
+        a = torch.empty((), dtype=partial_dtype(dtype)).element_size()
+        e = torch.empty((), dtype=dtype).element_size()
+        row = workspace.view("send", (_pad(T * H * (a + Dv * e), a),), torch.uint8)
+        return _row_views(row.view(1, -1), (T, H), partial_dtype(dtype), (T, H, Dv), dtype)[1][0]
+    return workspace.view("part_out", (T, H, Dv), dtype)
+
+
+def _row_views(rows: torch.Tensor, lse_shape, lse_dtype, out_shape, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Views ``(lse [N, *lse_shape], out [N, *out_shape])`` of the byte rows ``rows [N, bytes]``
+    laid out ``[lse | out | pad]`` (rows padded to a multiple of the LSE element size)."""
+    n = rows.shape[0]
     nl = torch.empty((), dtype=lse_dtype).element_size() * _numel(lse_shape)
     no = torch.empty((), dtype=dtype).element_size() * _numel(out_shape)
-    return row[:nl].view(lse_dtype).view(lse_shape), row[nl:nl + no].view(dtype).view(out_shape)
+    return (rows[:, :nl].view(lse_dtype).view(n, *lse_shape),
+            rows[:, nl:nl + no].view(dtype).view(n, *out_shape))
+
+
+def _pack(lse: torch.Tensor, out: torch.Tensor, dst: torch.Tensor | None = None) -> torch.Tensor:
+    """``[N, bytes]`` rows ``[lse_j | out_j | pad]`` from ``lse [N, ...]`` and ``out [N, ...]``, each
+    row padded to a multiple of the LSE element size (so every row's LSE can be viewed in place);
+    written into ``dst`` (flat bytes, at least the rows' size) when given, where a part that is
+    already in place (the kernel wrote into it) is not copied."""
+    n, a = lse.shape[0], lse.element_size()
+    nbytes = _pad((lse[0].numel() * a + out[0].numel() * out.element_size()), a)
+    rows = (torch.empty(n * nbytes, dtype=torch.uint8, device=out.device) if dst is None else dst[: n * nbytes])
+    rows = rows.view(n, nbytes)
+    lv, ov = _row_views(rows, lse.shape[1:], lse.dtype, out.shape[1:], out.dtype)
+    for src, view in ((lse, lv), (out, ov)):
+        if not _same_memory(src, view):
+            view.copy_(src)
+    pad = nbytes - lse[0].numel() * a - out[0].numel() * out.element_size()
+    if pad:
+        rows[:, nbytes - pad:].zero_()
+    return rows
+
+
+def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """``a`` and ``b`` are views of the same elements, in the same order."""
+    return (a.data_ptr() == b.data_ptr() and a.dtype == b.dtype and a.shape == b.shape
+            and all(x == y for x, y, k in zip(a.stride(), b.stride(), a.shape) if k > 1))
 
 
 def _numel(shape) -> int:
@@ -184,7 +227,7 @@ def _merge(outs, lses, backend):
 
 
 def combine(out: torch.Tensor, lse: torch.Tensor, *, strategy: str, heads: str, group=None,
-            backend: str | Backend | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+            backend: str | Backend | None = None, workspace=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Combine this rank's partial ``(out [T, H, Dv], lse [T, H])`` with the other ranks'.
 
     ``lse`` is converted to :func:`partial_dtype` of ``out``'s dtype before it is sent. Returns
@@ -192,7 +235,9 @@ def combine(out: torch.Tensor, lse: torch.Tensor, *, strategy: str, heads: str, 
     heads ``rank*S .. rank*S+S-1`` (sharded); ``out`` in the input dtype, ``lse`` float32. Every
     rank of ``group`` must call it with the same shapes, strategy and heads mode (the public op
     checks this first). ``backend``: the merge kernel's backend, a name (or None: automatic) or a
-    :class:`~cpattn.backends.Backend`. World size 1: returned as is, no collective.
+    :class:`~cpattn.backends.Backend`. ``workspace``: a :class:`cpattn.dcp_workspace.Workspace`
+    whose buffers every collective then sends from and receives into (none allocated here;
+    the returned tensors are new). World size 1: returned as is, no collective.
     """
     n, r = comm.world_size(group), comm.rank(group)
     if n == 1:
@@ -200,35 +245,51 @@ def combine(out: torch.Tensor, lse: torch.Tensor, *, strategy: str, heads: str, 
     T, H, Dv = out.shape
     S = H // n
     pd = partial_dtype(out.dtype)
-    lse = lse.to(pd)
+    ws = workspace
     if strategy == "all_gather":
-        packed = _pack(lse.unsqueeze(0), out.unsqueeze(0))[0]
+        send = None if ws is None else ws.view("send", (ws.buffers["send"].numel(),), torch.uint8)
+        packed = _pack(lse.to(pd).unsqueeze(0), out.unsqueeze(0), send)[0]
         _note("combine", "all_gather", packed, n)
-        rows = comm.all_gather(packed, group)  # [N, bytes]
-        parts = [_unpack(rows[i], (T, H), pd, (T, H, Dv), out.dtype) for i in range(n)]
+        rows = comm.all_gather(packed, group, out=_ws(ws, "recv", (n * packed.numel(),), torch.uint8))  # [N, bytes]
+        lses, outs = _row_views(rows, (T, H), pd, (T, H, Dv), out.dtype)
         if heads == "sharded":
-            # contiguous copies of this rank's heads: merge kernels may assume dense inputs
-            parts = [(l[:, r * S:(r + 1) * S].contiguous(), o[:, r * S:(r + 1) * S].contiguous()) for l, o in parts]
-        return _merge([o for _, o in parts], [l for l, _ in parts], backend)
+            # dense copies of this rank's heads: merge kernels may assume dense inputs
+            if ws is None:
+                lses, outs = lses[:, :, r * S:(r + 1) * S].contiguous(), outs[:, :, r * S:(r + 1) * S].contiguous()
+            else:
+                lses = ws.view("merge_lse", (n, T, S), pd).copy_(lses[:, :, r * S:(r + 1) * S])
+                outs = ws.view("merge_out", (n, T, S, Dv), out.dtype).copy_(outs[:, :, r * S:(r + 1) * S])
+        return _merge(list(outs.unbind(0)), list(lses.unbind(0)), backend)
     if strategy == "lse_reduce":
-        _note("combine", "all_gather", lse, n)
-        lses = comm.all_gather(lse.contiguous(), group)  # [N, T, H]
+        mine = lse.to(pd) if ws is None else ws.view("send", (T, H), pd).copy_(lse)
+        _note("combine", "all_gather", mine, n)
+        lses = comm.all_gather(mine.contiguous(), group, out=_ws(ws, "recv", (n * T * H,), pd))  # [N, T, H]
         frac, lse_all = merge_weights(list(lses.unbind(0)), nan_propagate=True)  # NaN weights: never masked
         w = frac[r]
-        scaled = out.to(pd).mul_(w[..., None]).masked_fill_((w <= 0)[..., None], 0.0)  # empty rows: 0, never NaN
         if heads == "replicated":
+            scaled = torch.mul(out, w[..., None], out=_ws(ws, "scaled", (T, H, Dv), pd)) if ws is not None else \
+                out.to(pd).mul_(w[..., None])
+            scaled.masked_fill_((w <= 0)[..., None], 0.0)  # empty rows: 0, never NaN
             _note("combine", "all_reduce", scaled, n)
             return comm.all_reduce_sum(scaled, group).to(out.dtype), lse_all.float()
-        by_dest = scaled.view(T, n, S, Dv).transpose(0, 1).reshape(n * T, S, Dv)
+        # by destination: rank j's heads of every token, [N*T, S, Dv]
+        w_dest = w.view(T, n, S).transpose(0, 1)[..., None]  # [N, T, S, 1]
+        o_dest = out.view(T, n, S, Dv).transpose(0, 1)
+        if ws is None:
+            by_dest = (o_dest.to(pd) * w_dest).reshape(n * T, S, Dv)
+        else:
+            by_dest = torch.mul(o_dest, w_dest, out=ws.view("scaled", (n, T, S, Dv), pd)).view(n * T, S, Dv)
+        by_dest.view(n, T, S, Dv).masked_fill_(w_dest <= 0, 0.0)
         _note("combine", "reduce_scatter", by_dest, n)
-        mine = comm.reduce_scatter_sum(by_dest, group)  # [T, S, Dv]
-        return mine.to(out.dtype), lse_all[:, r * S:(r + 1) * S].float().contiguous()
+        summed = comm.reduce_scatter_sum(by_dest, group, out=_ws(ws, "summed", (T * S * Dv,), pd))  # [T, S, Dv]
+        return summed.to(out.dtype), lse_all[:, r * S:(r + 1) * S].float().contiguous()
     if strategy == "all_to_all":
         if heads != "sharded":
             raise ValueError("combine 'all_to_all' needs heads='sharded'")
-        packed = _pack(lse.view(T, n, S).transpose(0, 1), out.view(T, n, S, Dv).transpose(0, 1))  # [N, bytes]
+        send = None if ws is None else ws.view("send", (ws.buffers["send"].numel(),), torch.uint8)
+        packed = _pack(lse.to(pd).view(T, n, S).transpose(0, 1), out.view(T, n, S, Dv).transpose(0, 1), send)
         _note("combine", "all_to_all", packed, n)
-        rows = comm.all_to_all(packed, group)  # row i came from rank i
-        parts = [_unpack(rows[i], (T, S), pd, (T, S, Dv), out.dtype) for i in range(n)]
-        return _merge([o for _, o in parts], [l for l, _ in parts], backend)
+        rows = comm.all_to_all(packed, group, out=_ws(ws, "recv", (packed.numel(),), torch.uint8))  # row i: rank i's
+        lses, outs = _row_views(rows.view(n, -1), (T, S), pd, (T, S, Dv), out.dtype)
+        return _merge(list(outs.unbind(0)), list(lses.unbind(0)), backend)
     raise ValueError(f"unknown combine strategy {strategy!r}; choose one of {STRATEGIES}")

@@ -22,7 +22,6 @@ data-dependent shape: ``max_query_len = 1`` and its sizes follow ``q``'s (padded
 """
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass, field
 
 import torch
@@ -193,30 +192,45 @@ def commit(m: Meta, p: Prepared) -> None:
     m.T, m.B, m.max_kv, m.min_vis, m.planned = p.T, p.B, p.max_kv, p.min_vis, True
 
 
-def _accepts(backend, op: str, name: str) -> bool:
-    try:
-        return name in inspect.signature(backend.kernels[op].fn).parameters
-    except (TypeError, ValueError, KeyError):
-        return False
-
-
 def capturing(t: torch.Tensor) -> bool:
     """True while a CUDA graph is being captured on the current stream (for ``t``'s device)."""
     return t.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def attend(m: Meta, backend, q, k_cache, v_cache, *, scale: float, v_head_dim: int, start: int = 0,
-           stop: int | None = None, static: bool = False):
+           stop: int | None = None, static: bool = False, out: torch.Tensor | None = None,
+           workspace: dict | None = None):
     """This rank's partial ``(out [t, H, Dv], lse [t, H])`` for query rows ``start:stop`` of the
     plan (``q`` holds exactly those rows; rows at or past the planned ``T`` are padding and get
     ``(0, -inf)``). ``static``: use the plan's maximum sizes for the kernel's host bounds (graph
-    capture: the captured kernels must serve any later plan) instead of the current step's."""
+    capture: the captured kernels must serve any later plan) instead of the current step's.
+    ``out``: a buffer for the output (the kernel writes into it when it can, otherwise it is
+    copied there); ``workspace``: the kernel's scratch dict, for kernels that take one."""
     stop = q.shape[0] + start if stop is None else stop
     t = stop - start
     table = m.table.index_select(0, m.req[start:stop])  # [t, max_blocks]: each token its own request
     kw = dict(q=q, k_cache=k_cache, v_cache=v_cache, block_table=table, query_start_loc=m.arange[: t + 1],
               visible_lens=m.vis[start:stop], scale=scale, v_head_dim=v_head_dim, max_query_len=1,
               max_kv_len=m.max_blocks * m.block_size if static else m.max_kv)
-    if _accepts(backend, "paged_attention", "min_visible"):
+    op = "paged_attention"
+    if backend.accepts(op, "min_visible"):
         kw["min_visible"] = 0 if (static or stop > m.T) else m.min_vis
-    return backend.run("paged_attention", **kw)
+    if workspace is not None and backend.accepts(op, "workspace"):
+        kw["workspace"] = workspace
+    takes_out = out is not None and backend.accepts(op, "out")
+    if takes_out:
+        kw["out"] = out
+    o, lse = backend.run(op, **kw)
+    if out is not None and not takes_out:
+        o = out.copy_(o)
+    return o, lse
+
+
+def reserve(m: Meta, backend, workspace: dict, *, num_heads: int, num_kv_heads: int, head_dim: int, v_head_dim: int,
+            dtype: torch.dtype, mla: bool) -> None:
+    """Let the local kernel allocate its scratch for every :func:`attend` of this plan, once."""
+    k = backend.kernels.get("paged_attention")
+    if k is not None and k.reserve is not None:
+        k.reserve(workspace, max_tokens=m.max_tokens, num_heads=num_heads, num_kv_heads=num_kv_heads,
+                  head_dim=head_dim, v_head_dim=v_head_dim, block_size=m.block_size,
+                  max_kv_len=m.max_blocks * m.block_size, dtype=dtype, device=m.device, mla=mla)

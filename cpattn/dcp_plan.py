@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from . import _validate as V
-from . import comm, dcp_combine, dcp_meta
+from . import comm, dcp_combine, dcp_meta, dcp_workspace
 from .backends import select
 from .backends.hostsync import no_host_reads
 
@@ -192,16 +192,25 @@ class DcpDecodePlan:
     def _from_config(cls, group, cfg: Config) -> "DcpDecodePlan":
         """A plan without the construction agreement (the one-call op agrees once, in its plan step)."""
         self = cls.__new__(cls)
-        self._setup(group, cfg)
+        self._setup(group, cfg, reserve=False)  # one call: the kernel's scratch at the call's own size
         return self
 
-    def _setup(self, group, cfg: Config) -> None:
+    def _setup(self, group, cfg: Config, reserve: bool = True) -> None:
         self.group = group
         self.config = cfg
         self._meta = dcp_meta.allocate(cfg.world, cfg.rank, cfg.interleave, cfg.block_size, cfg.max_num_seqs,
                                        cfg.max_num_tokens, cfg.max_blocks_per_seq, cfg.device)
         self._backend = _get(cfg.kernel_backend)
         self._merge_backend = None if cfg.merge_backend is None else _get(cfg.merge_backend)
+        #: The buffers ``run`` reuses on every call (:mod:`cpattn.dcp_workspace`), allocated here.
+        self.workspace = dcp_workspace.allocate(
+            world=cfg.world, strategy=cfg.combine, heads=cfg.heads, max_tokens=cfg.max_num_tokens,
+            num_heads=cfg.num_heads, head_dim=cfg.head_dim, v_head_dim=cfg.v_head_dim, dtype=cfg.dtype,
+            partial_dtype=dcp_combine.partial_dtype(cfg.dtype), device=cfg.device)
+        if reserve:
+            dcp_meta.reserve(self._meta, self._backend, self.workspace.kernel, num_heads=cfg.num_heads,
+                             num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, v_head_dim=cfg.v_head_dim,
+                             dtype=cfg.dtype, mla=cfg.mla)
         #: Use the maximum sizes for the kernels' host bounds in every run (set it for graph
         #: capture on devices other than CUDA; CUDA capture is detected automatically).
         self.static_bounds = False
@@ -312,12 +321,14 @@ class DcpDecodePlan:
         if Tp == 0:
             return self.empty_outputs(q)
         static = self.static_bounds or dcp_meta.capturing(q)
+        ws = self.workspace
         with no_host_reads():
-            q_all = dcp_combine.gather_heads(q, self.group) if cfg.heads == "sharded" else q
+            q_all = dcp_combine.gather_heads(q, self.group, ws) if cfg.heads == "sharded" else q
+            part = dcp_combine.partial_out(ws, cfg.combine, Tp, cfg.num_heads, cfg.v_head_dim, cfg.dtype)
             out, lse = dcp_meta.attend(m, self._backend, q_all, k_cache, v_cache, scale=cfg.scale,
-                                       v_head_dim=cfg.v_head_dim, static=static)
+                                       v_head_dim=cfg.v_head_dim, static=static, out=part, workspace=ws.kernel)
             return dcp_combine.combine(out, lse, strategy=cfg.combine, heads=cfg.heads, group=self.group,
-                                       backend=self._merge_backend)
+                                       backend=self._merge_backend, workspace=ws)
 
     def empty_outputs(self, q):
         """Outputs of ``run``'s shapes for ``q`` (zeros and ``-inf``: the empty state)."""

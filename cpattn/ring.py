@@ -129,18 +129,9 @@ def schedule(cu: tuple[int, ...], n: int, r: int, method: str, causal: bool, dev
     return Schedule(cu, n, r, method, tmax, me, me.local_cu_seqlens.to(device), me.positions.to(device), steps, order)
 
 
-def _accepts_host(backend) -> bool:
-    import inspect
-
-    try:
-        return "host" in inspect.signature(backend.kernels["attention"].fn).parameters
-    except (TypeError, ValueError, KeyError):
-        return False
-
-
 def _kernel(q, k, v, sched: Schedule, st: Step, causal, scale, backend):
     """One local attention call; ``backend`` a Backend object (chosen before any collective)."""
-    extra = {"host": st.host} if _accepts_host(backend) else {}
+    extra = {"host": st.host} if backend.accepts("attention", "host") else {}
     return backend.run(
         "attention", q=q, k=k, v=v, cu_seqlens_q=sched.q_cu, cu_seqlens_k=st.k_cu,
         q_positions=sched.q_pos if causal else None, k_positions=st.k_pos if causal else None,

@@ -145,3 +145,47 @@ def compiled_two_layers(compiler: str, mla: bool = False, heads: str = "replicat
                 got = compiled_pcp(q, k, v)
         res[f"pcp step {i}"] = float((got - want).abs().max())
     return res
+
+
+def kernel_storages(workspace) -> list[int]:
+    """Storage addresses of the local kernel's scratch kept in a plan's workspace."""
+    out = []
+
+    def walk(x):
+        if isinstance(x, torch.Tensor):
+            out.append(x.untyped_storage().data_ptr())
+        elif isinstance(x, dict):
+            for v in x.values():
+                walk(v)
+        elif hasattr(x, "__dict__"):
+            walk(vars(x))
+
+    walk(workspace.kernel)
+    return sorted(out)
+
+
+def dcp_allocations(steps: list[dict], combine, static: bool, backend=None) -> dict:
+    """One plan over ``steps``, each run with ``q`` padded to ``max_num_tokens`` rows: per step, the
+    sizes ``_execute`` (run's implementation) allocated, the collectives' output buffers (whether
+    each lay in the plan's workspace), and whether the kernel's reserved scratch stayed in place."""
+    from _alloc_audit import collective_outputs, fresh_allocations, inside
+
+    plan, ins = dcp_plan_for(steps, 0, combine, backend)
+    plan.static_bounds = static
+    ws = plan.workspace
+    reserved = kernel_storages(ws)
+    Tp = plan.config.max_num_tokens
+    res = {"steps": [], "reserved": reserved, "workspace_bytes": ws.nbytes, "kernel_bytes": ws.kernel_nbytes()}
+    for p, inp in zip(steps, ins):
+        plan.plan(inp["seq_lens"], inp["block_table"], inp["query_start_loc"])
+        q = inp["q"]
+        qp = torch.cat([q, torch.zeros(Tp - q.shape[0], *q.shape[1:], dtype=q.dtype)])
+        plan._execute(qp, inp["k_cache"], inp["v_cache"])  # a first call may fill lazily-made scratch
+        with collective_outputs() as colls, fresh_allocations() as fresh:
+            out, lse = plan._execute(qp, inp["k_cache"], inp["v_cache"])
+        res["steps"].append({
+            "fresh": sorted(n for _, n in fresh), "fresh_ops": sorted(fresh, key=lambda x: -x[1])[:8],
+            "collectives": [(name, o is not None and inside(o, ws.buffers.values())) for name, o in colls],
+            "kernel_storages": kernel_storages(ws), "out_bytes": out.numel() * out.element_size(),
+            "T": int(sum(p["nq"]))})
+    return res

@@ -28,6 +28,11 @@ Kernel signatures (internal, after the public layer validated the input):
   ``max_query_len``/``max_kv_len`` bound the per-request query count and ``visible_lens``.
   Returns ``out [T, Hq, Dv]`` (q dtype) and ``lse [T, Hq]`` (float32; for float32 q a kernel may
   return float64, which DCP keeps through its cross-rank merge; ``(0, -inf)`` when no key).
+  Optional keywords a kernel may accept (callers ask :meth:`Backend.accepts`):
+  ``min_visible`` (a host int ``<= min(visible_lens)``), ``out`` (a ``[T, Hq, Dv]`` q-dtype
+  buffer, unit stride on its last dim, to write the output into) and ``workspace`` (a dict the
+  caller keeps between calls, where the kernel keeps its scratch buffers; the kernel's
+  ``reserve`` fills it at a caller's maximum sizes once, :class:`Kernel`).
   NaN/inf inputs (both attention kernels): a row that sees a key and whose query row, or the
   key or value of a key it sees, holds a NaN or inf is *poisoned*: ``out`` and ``lse`` NaN
   (:mod:`cpattn.reference`'s rule). Keys a row does not see never affect it.
@@ -42,6 +47,7 @@ Kernel signatures (internal, after the public layer validated the input):
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -71,8 +77,13 @@ class BackendError(RuntimeError):
 
 @dataclass
 class Kernel:
+    """``fn``: the kernel; ``check``: why it cannot run an input; ``reserve``: for kernels taking
+    a ``workspace``, ``reserve(workspace, **max_sizes)`` allocates its scratch at the largest
+    sizes a caller will pass (so that later calls allocate none of it)."""
+
     fn: Callable[..., Any]
     check: Callable[..., list[str]] | None = None
+    reserve: Callable[..., None] | None = None
 
 
 @dataclass
@@ -89,11 +100,12 @@ class Backend:
     auto_device_types: tuple[str, ...] | None = None
     kernels: dict[str, Kernel] = field(default_factory=dict)
 
-    def kernel(self, op: str, check: Callable[..., list[str]] | None = None):
+    def kernel(self, op: str, check: Callable[..., list[str]] | None = None,
+               reserve: Callable[..., None] | None = None):
         """Decorator: register ``fn`` as this backend's kernel for ``op``."""
 
         def deco(fn):
-            self.kernels[op] = Kernel(fn, check)
+            self.kernels[op] = Kernel(fn, check, reserve)
             return fn
 
         return deco
@@ -120,6 +132,13 @@ class Backend:
 
     def run(self, op: str, **inputs):
         return self.kernels[op].fn(**inputs)
+
+    def accepts(self, op: str, name: str) -> bool:
+        """Whether this backend's ``op`` kernel takes the optional keyword ``name``."""
+        try:
+            return name in inspect.signature(self.kernels[op].fn).parameters
+        except (TypeError, ValueError, KeyError):
+            return False
 
 
 def _device_type(inputs: dict[str, Any]) -> str | None:

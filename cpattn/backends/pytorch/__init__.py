@@ -11,5 +11,5 @@ from . import paged as _paged
 
 BACKEND = Backend("pytorch", "chunked plain-PyTorch kernels, float32 accumulation (any device)")
 BACKEND.kernel("merge")(_merge.merge)
-BACKEND.kernel("paged_attention", _paged.check)(_paged.paged_attention)
+BACKEND.kernel("paged_attention", _paged.check, reserve=_paged.reserve)(_paged.paged_attention)
 BACKEND.kernel("attention", _varlen.check)(_varlen.attention)

@@ -77,13 +77,15 @@ def check(q, k_cache, v_cache, block_table, query_start_loc, visible_lens, scale
 
 
 def paged_attention(q, k_cache, v_cache, block_table, query_start_loc, visible_lens, scale, v_head_dim,
-                    max_query_len, max_kv_len, min_visible=None):
+                    max_query_len, max_kv_len, min_visible=None, out=None, workspace=None):
     """``q [T, Hq, Dqk]``; ``k_cache [NB, bs, Hkv, Dqk]``; ``v_cache [NB, bs, Hkv, Dv]`` or None
     (V = ``k[..., :v_head_dim]``); ``block_table [B, MB]``; ``query_start_loc [B+1]``;
     ``visible_lens [T]`` (local keys each query sees); ``max_query_len >= max n_b``;
     ``max_kv_len >= max visible_lens``; ``min_visible`` (optional, a plan's host-known
-    ``<= min visible_lens``) spares the CPU its read of ``min(visible_lens)``. Returns ``out [T, Hq, Dv]`` (q dtype), ``lse [T, Hq]``
-    float32 (float64 for float32 ``q``)."""
+    ``<= min visible_lens``) spares the CPU its read of ``min(visible_lens)``; ``out`` (optional
+    ``[T, Hq, Dv]`` q-dtype buffer) receives the output; ``workspace`` (optional dict kept by the
+    caller, filled at its maximum sizes by :func:`reserve`) holds the chunk buffers between calls.
+    Returns ``out [T, Hq, Dv]`` (q dtype), ``lse [T, Hq]`` float32 (float64 for float32 ``q``)."""
     T, Hq, Dqk = q.shape
     NB, bs, Hkv, _ = k_cache.shape
     Dv = v_head_dim
@@ -92,7 +94,7 @@ def paged_attention(q, k_cache, v_cache, block_table, query_start_loc, visible_l
     Qm = max(int(max_query_len), 1)
     dev = q.device
     cd = _compute_dtype(q.dtype)
-    out = torch.zeros(T, Hq, Dv, dtype=q.dtype, device=dev)
+    out = torch.zeros(T, Hq, Dv, dtype=q.dtype, device=dev) if out is None else out.zero_()
     lse = torch.full((T, Hq), float("-inf"), dtype=_lse_dtype(q.dtype), device=dev)
     if T == 0 or B == 0 or NB == 0 or max_kv_len <= 0:
         return out, lse
@@ -125,10 +127,7 @@ def paged_attention(q, k_cache, v_cache, block_table, query_start_loc, visible_l
     else:
         no_mask_below = int(visible_lens.min()) if on_cpu else 0
 
-    # Chunk of whole blocks, bounded by the largest temporary.
-    per_pos = B * max(Hkv * max(Dqk, Dv), Hq * Qm)
-    nblk = max(1, min(_CHUNK_ELEMS // max(per_pos * bs, 1), -(-max_kv_len // bs)))
-    C = nblk * bs
+    nblk = _chunk_blocks(B, Hq, Hkv, Dqk, Dv, Qm, bs, max_kv_len)
     m = torch.full((Hkv, B, QG), float("-inf"), dtype=cd, device=dev)
     l = torch.zeros_like(m)
     acc = torch.zeros(Hkv, B, QG, Dv, dtype=cd, device=dev)
@@ -136,7 +135,7 @@ def paged_attention(q, k_cache, v_cache, block_table, query_start_loc, visible_l
     table = block_table.to(torch.int64)
     n_cols = min(-(-max_kv_len // bs), table.shape[1])
     # Buffers reused by every chunk (fresh large allocations cost page faults on each chunk).
-    buf = _Buffers(B * nblk * bs, Hkv, Dqk, Dv, QGx, q.dtype, cd, dev, with_v=v_cache is not None)
+    buf = _Buffers.take(workspace, B * nblk * bs, Hkv, Dqk, Dv, QGx, q.dtype, cd, dev, with_v=v_cache is not None)
     # first local position whose key or value holds a NaN/inf, per request and KV head
     no_bad = n_cols * bs
     first_bad = torch.full((B, Hkv), no_bad, dtype=torch.int64, device=dev)
@@ -225,6 +224,24 @@ def _clean(kf: torch.Tensor, vf: torch.Tensor | None) -> None:
         vf.nan_to_num_(0.0, 0.0, 0.0)
 
 
+def _chunk_blocks(B: int, Hq: int, Hkv: int, Dqk: int, Dv: int, Qm: int, bs: int, max_kv_len: int) -> int:
+    """Blocks per chunk: whole blocks, bounded by the largest temporary (``_CHUNK_ELEMS``)."""
+    per_pos = B * max(Hkv * max(Dqk, Dv), Hq * Qm)
+    return max(1, min(_CHUNK_ELEMS // max(per_pos * bs, 1), -(-max_kv_len // bs)))
+
+
+def reserve(workspace: dict, *, max_tokens: int, num_heads: int, num_kv_heads: int, head_dim: int, v_head_dim: int,
+            block_size: int, max_kv_len: int, dtype: torch.dtype, device, mla: bool) -> None:
+    """Allocate into ``workspace`` the chunk buffers of every call with one query per request
+    (how DCP runs this kernel), up to ``max_tokens`` of them and ``max_kv_len`` visible keys, so
+    that those calls allocate none (docs/serving.md, "What run allocates")."""
+    G = num_heads // num_kv_heads
+    rows = max(B * _chunk_blocks(B, num_heads, num_kv_heads, head_dim, v_head_dim, 1, block_size, max_kv_len)
+               * block_size for B in range(1, max_tokens + 1))
+    _Buffers.take(workspace, rows, num_kv_heads, head_dim, v_head_dim, G + 1, dtype, _compute_dtype(dtype),
+                  torch.device(device), with_v=not mla)
+
+
 class _Buffers:
     """Chunk buffers: gathered blocks in the cache dtype, their compute-dtype copy, the scores."""
 
@@ -232,10 +249,25 @@ class _Buffers:
         def alloc(d, dt):
             return torch.empty(rows * hkv * d, dtype=dt, device=dev)
 
+        self.rows, self.qg = rows, qg
         self.raw = {"k": alloc(dqk, dtype), "v": alloc(dv, dtype) if with_v else None}
         self.conv = {"k": alloc(dqk, cd) if dtype != cd else None,
                     "v": alloc(dv, cd) if with_v and dtype != cd else None}
         self.scores = torch.empty(hkv * qg * rows, dtype=cd, device=dev)
+
+    @classmethod
+    def take(cls, workspace: dict | None, rows: int, hkv: int, dqk: int, dv: int, qg: int, dtype, cd, dev, *,
+             with_v: bool) -> "_Buffers":
+        """Buffers for ``rows`` gathered rows and ``qg`` score rows: ``workspace``'s when they are
+        large enough (otherwise new ones, kept there for the next call)."""
+        if workspace is None:
+            return cls(rows, hkv, dqk, dv, qg, dtype, cd, dev, with_v=with_v)
+        key = ("pytorch.paged", dtype, hkv, dqk, dv, with_v, str(dev))
+        have = workspace.get(key)
+        if have is None or have.rows < rows or have.qg < qg:
+            have = workspace[key] = cls(max(rows, getattr(have, "rows", 0)), hkv, dqk, dv,
+                                        max(qg, getattr(have, "qg", 0)), dtype, cd, dev, with_v=with_v)
+        return have
 
     def gather(self, cache: torch.Tensor, ids: torch.Tensor, which: str, B: int, c: int, dead):
         """Blocks ``ids`` of ``cache`` in the compute dtype, ``[B, c, Hkv, D]``; rows under ``dead``

@@ -120,13 +120,18 @@ def check(q, k_cache, v_cache, block_table, query_start_loc, visible_lens, scale
 
 
 def paged_attention(q, k_cache, v_cache, block_table, query_start_loc, visible_lens, scale, v_head_dim,
-                    max_query_len, max_kv_len):
+                    max_query_len, max_kv_len, out=None):
+    """The registry's ``paged_attention``; ``out``: an optional ``[T, Hq, Dv]`` q-dtype buffer
+    (unit stride on its last dim) that every element of the output is written into."""
     T, Hq, Dqk = q.shape
     NB, bs, Hkv, _ = k_cache.shape
     Dv = int(v_head_dim)
     G = Hq // Hkv
     dev = q.device
-    out = torch.empty(T, Hq, Dv, dtype=q.dtype, device=dev)
+    if out is None:
+        out = torch.empty(T, Hq, Dv, dtype=q.dtype, device=dev)
+    elif Dv > 1 and out.stride(-1) != 1:
+        raise ValueError(f"paged_attention: out needs unit stride on its last dim; got strides {out.stride()}")
     lse = torch.empty(T, Hq, dtype=torch.float32, device=dev)
     if T == 0:
         return out, lse

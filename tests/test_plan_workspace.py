@@ -1,0 +1,54 @@
+"""Issue 8's "the constructor allocates every buffer run needs, once": on real gloo ranks, for
+every combine of both head modes (GQA and MLA),
+
+* every collective of ``run`` sends from and receives into the plan's workspace
+  (:mod:`cpattn.dcp_workspace`), allocated at construction;
+* the local kernel's scratch (the PyTorch kernel's chunk buffers) is the one reserved at
+  construction, at the largest size any step can need (a longer context does not grow it);
+* with static bounds (what graph capture uses), the sizes ``run`` allocates are the same for a
+  step of short contexts and a step of long ones with other batch sizes: nothing is sized by
+  the data, only by ``q``'s padded rows.
+"""
+from __future__ import annotations
+
+import pytest
+
+from _plan_ranks import dcp_allocations
+from cpattn import dcp_combine
+
+pytestmark = pytest.mark.distributed
+
+_BASE = {"bs": 4, "il": 2, "hkv": 2, "dqk": 8, "dv": 8, "dtype": "float32", "seed": 5}
+
+
+def _steps(world, heads, mla):
+    over = {"hkv": 1, "dqk": 12, "dv": 8} if mla else {}
+    hq = (2 if mla else 4) * (world if heads == "sharded" else 1)
+    base = {**_BASE, **over, "world": world, "heads": heads, "mla": mla, "hq": hq}
+    return [{**base, "lens": [9, 3, 2], "nq": [1, 2, 1]},               # short contexts
+            {**base, "seed": 6, "lens": [700, 1203], "nq": [1, 1]},      # long ones, fewer requests
+            {**base, "seed": 7, "lens": [5, 340, 17, 96], "nq": [1, 1, 1, 1]}]
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("heads", ["replicated", "sharded"])
+@pytest.mark.parametrize("mla", [False, True])
+def test_run_uses_the_plans_buffers_and_allocates_nothing_sized_by_data(gloo, world, heads, mla):
+    steps = _steps(world, heads, mla)
+    for combine in dcp_combine.allowed(heads):
+        for static in (True, False):
+            res = gloo(world).run(dcp_allocations, steps, combine, static, timeout=180)
+            for r, rr in enumerate(res):
+                what = f"rank {r} {combine} static={static}"
+                assert rr["workspace_bytes"] > 0 and rr["kernel_bytes"] > 0, what
+                for i, st in enumerate(rr["steps"]):
+                    colls = st["collectives"]
+                    assert colls, what + ": no collective recorded"
+                    assert all(ok for _, ok in colls), f"{what} step {i}: a collective wrote outside the workspace: {colls}"
+                    assert st["kernel_storages"] == rr["reserved"], \
+                        f"{what} step {i}: the kernel allocated new scratch (reserve too small)"
+                if static:
+                    sizes = [st["fresh"] for st in rr["steps"]]
+                    assert sizes[0] == sizes[1] == sizes[2], \
+                        f"{what}: allocations depend on the step's data: " + \
+                        "; ".join(str(st["fresh_ops"]) for st in rr["steps"])
