@@ -183,10 +183,10 @@ class DcpDecodePlan:
                               heads=heads, combine=combine, scale=scale, max_num_seqs=max_num_seqs,
                               max_num_tokens=max_num_tokens, max_blocks_per_seq=max_blocks_per_seq, dtype=dtype,
                               device=device, backend=backend)
+            self._setup(group, cfg)  # allocates: a failure reaches the agreement too
         except Exception as exc:  # every error reaches the agreement
             err = exc
         comm.agree(OP, err, _config_fields(cfg), agree_group, seq)
-        self._setup(group, cfg)
 
     @classmethod
     def _from_config(cls, group, cfg: Config) -> "DcpDecodePlan":
@@ -198,19 +198,25 @@ class DcpDecodePlan:
     def _setup(self, group, cfg: Config, reserve: bool = True) -> None:
         self.group = group
         self.config = cfg
-        self._meta = dcp_meta.allocate(cfg.world, cfg.rank, cfg.interleave, cfg.block_size, cfg.max_num_seqs,
-                                       cfg.max_num_tokens, cfg.max_blocks_per_seq, cfg.device)
         self._backend = _get(cfg.kernel_backend)
         self._merge_backend = None if cfg.merge_backend is None else _get(cfg.merge_backend)
-        #: The buffers ``run`` reuses on every call (:mod:`cpattn.dcp_workspace`), allocated here.
-        self.workspace = dcp_workspace.allocate(
-            world=cfg.world, strategy=cfg.combine, heads=cfg.heads, max_tokens=cfg.max_num_tokens,
-            num_heads=cfg.num_heads, head_dim=cfg.head_dim, v_head_dim=cfg.v_head_dim, dtype=cfg.dtype,
-            partial_dtype=dcp_combine.partial_dtype(cfg.dtype), device=cfg.device)
-        if reserve:
-            dcp_meta.reserve(self._meta, self._backend, self.workspace.kernel, num_heads=cfg.num_heads,
-                             num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, v_head_dim=cfg.v_head_dim,
-                             dtype=cfg.dtype, mla=cfg.mla)
+        try:
+            self._meta = dcp_meta.allocate(cfg.world, cfg.rank, cfg.interleave, cfg.block_size, cfg.max_num_seqs,
+                                           cfg.max_num_tokens, cfg.max_blocks_per_seq, cfg.device)
+            #: The buffers ``run`` reuses on every call (:mod:`cpattn.dcp_workspace`), allocated here.
+            self.workspace = dcp_workspace.allocate(
+                world=cfg.world, strategy=cfg.combine, heads=cfg.heads, max_tokens=cfg.max_num_tokens,
+                num_heads=cfg.num_heads, head_dim=cfg.head_dim, v_head_dim=cfg.v_head_dim, dtype=cfg.dtype,
+                partial_dtype=dcp_combine.partial_dtype(cfg.dtype), device=cfg.device)
+            if reserve:
+                dcp_meta.reserve(self._meta, self._backend, self.workspace.kernel, num_heads=cfg.num_heads,
+                                 num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, v_head_dim=cfg.v_head_dim,
+                                 dtype=cfg.dtype, mla=cfg.mla)
+        except (RuntimeError, MemoryError) as exc:
+            raise RuntimeError(f"{OP}: cannot allocate the plan's buffers on {cfg.device} for max_num_tokens="
+                               f"{cfg.max_num_tokens}, max_num_seqs={cfg.max_num_seqs}, max_blocks_per_seq="
+                               f"{cfg.max_blocks_per_seq} (combine {cfg.combine!r}, {cfg.num_heads} heads of "
+                               f"{cfg.head_dim}/{cfg.v_head_dim} channels): {exc}") from exc
         #: Use the maximum sizes for the kernels' host bounds in every run (set it for graph
         #: capture on devices other than CUDA; CUDA capture is detected automatically).
         self.static_bounds = False

@@ -84,15 +84,32 @@ def portable_vs_native(dtype_name: str, numel: int) -> dict:
     else:
         base = torch.randint(0, 100, (n * numel,), generator=g).to(dt)
 
-    def run():
-        out = {"gather": comm.all_gather(base[:numel]), "a2a": comm.all_to_all(base)}
+    bufs = []
+
+    def buf(k: int, given: bool):
+        """A preallocated output (stale contents) when ``given``; the result must land in it."""
+        if not given:
+            return None
+        b = torch.ones(k, dtype=torch.float64).to(dt)
+        bufs.append(b)
+        return b
+
+    def run(given: bool = False):
+        bufs.clear()
+        out = {"gather": comm.all_gather(base[:numel], out=buf(n * numel, given)),
+               "a2a": comm.all_to_all(base, out=buf(n * numel, given))}
         if dt != torch.bool and dt != torch.uint8:
             out["reduce"] = comm.all_reduce_sum(base[:numel].clone())
-            out["scatter"] = comm.reduce_scatter_sum(base)
-        return {k: (tuple(v.shape), str(v.dtype), bytes(v.contiguous().view(-1).view(torch.uint8).tolist()))
-                for k, v in out.items()}
+            out["scatter"] = comm.reduce_scatter_sum(base, out=buf(numel, given))
+        res = {k: (tuple(v.shape), str(v.dtype), bytes(v.contiguous().view(-1).view(torch.uint8).tolist()))
+               for k, v in out.items()}
+        if given:  # each result is a view of its buffer
+            res["in_place"] = [v.data_ptr() == b.data_ptr() or v.numel() == 0
+                               for v, b in zip([out[k] for k in ("gather", "a2a", "scatter") if k in out], bufs)]
+        return res
 
     native = run()
+    native_out = run(True)
     calls = []
 
     def spy(name, fn):
@@ -110,4 +127,6 @@ def portable_vs_native(dtype_name: str, numel: int) -> dict:
             mock.patch.object(dist, "all_to_all_single", spy("all_to_all_single", dist.all_to_all_single)), \
             mock.patch.object(dist, "P2POp", spy("p2p", dist.P2POp)):
         portable = run()
-    return {"native": native, "portable": portable, "calls": calls}
+        portable_out = run(True)
+    return {"native": native, "portable": portable, "calls": calls, "native_out": native_out,
+            "portable_out": portable_out}

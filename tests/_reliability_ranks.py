@@ -104,6 +104,8 @@ def plan_bad_then_good(kind: str) -> list:
             bad = dict(group="default")
         elif kind == "seq_lens_meta":
             seq_lens = seq_lens.to("meta")
+        elif kind == "absurd_max_tokens":  # buffers that cannot be allocated
+            bad = dict(max_num_tokens=2**50)
         elif kind == "absurd_seq_lens":
             seq_lens = torch.tensor([2**45, 30, 2])
         elif kind == "absurd_cu":

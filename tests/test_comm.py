@@ -45,6 +45,14 @@ def test_single_process_needs_no_collective():
     comm.agree("toy", None, {"x": 1})
     with pytest.raises(ValueError, match="at least 2 ranks"):
         comm.RingComm()
+    # preallocated outputs: the result lands in them; a wrong buffer is refused, not resized
+    for fn in (comm.all_gather, comm.all_to_all, comm.reduce_scatter_sum):
+        buf = torch.full((4,), -1.0)
+        got = fn(t, out=buf)
+        assert got.data_ptr() == buf.data_ptr() and torch.equal(buf, t)
+        for bad in (torch.empty(5), torch.empty(4, dtype=torch.float64), torch.empty(8)[::2]):
+            with pytest.raises(ValueError, match="out must be a contiguous"):
+                fn(t, out=bad)
 
 
 @pytest.mark.parametrize("n", [2, 3])
@@ -108,6 +116,10 @@ def test_hccl_safe_paths_equal_gloo_collectives(gloo, n, dtype, numel):
     }
     for got in gloo(n).run(R.portable_vs_native, dtype, numel):
         assert got["portable"] == got["native"]
+        for path in ("native_out", "portable_out"):  # into preallocated buffers (a plan's workspace)
+            flags = got[path].pop("in_place")
+            assert got[path] == got["native"], path
+            assert flags and all(flags), (path, flags)
         assert got["calls"], "the HCCL-safe path issued no collective"
         for name, dt in got["calls"]:
             assert dt in published[name], (name, dt)

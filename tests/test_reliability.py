@@ -102,6 +102,7 @@ PLAN_CASES = {
     "group_str": (0, "TypeError", r"group must be a torch.distributed ProcessGroup"),
     "seq_lens_meta": (1, "ValueError", r"meta"),
     "absurd_seq_lens": (1, "ValueError", r"block_table has room"),
+    "absurd_max_tokens": (0, "RuntimeError", r"cannot allocate the plan's buffers .*max_num_tokens=1125899906842624"),
     "absurd_cu": (2, "ValueError", r"2\*\*31"),
     "cu_meta": (2, "ValueError", r"meta"),
 }
