@@ -63,16 +63,13 @@ class Workspace:
         """Bytes of the named buffers (the kernel's scratch not included)."""
         return sum(b.numel() for b in self.buffers.values())
 
-    def kernel_nbytes(self) -> int:
-        """Bytes of the local kernel's scratch buffers kept in :attr:`kernel`."""
-        seen, total = set(), 0
+    def kernel_storages(self) -> list[torch.UntypedStorage]:
+        """The storages of the local kernel's scratch kept in :attr:`kernel` (each once)."""
+        found: dict[int, torch.UntypedStorage] = {}
 
         def walk(x):
-            nonlocal total
             if isinstance(x, torch.Tensor):
-                if x.untyped_storage().data_ptr() not in seen:
-                    seen.add(x.untyped_storage().data_ptr())
-                    total += x.untyped_storage().nbytes()
+                found.setdefault(x.untyped_storage().data_ptr(), x.untyped_storage())
             elif isinstance(x, dict):
                 for v in x.values():
                     walk(v)
@@ -80,7 +77,11 @@ class Workspace:
                 walk(vars(x))
 
         walk(self.kernel)
-        return total
+        return list(found.values())
+
+    def kernel_nbytes(self) -> int:
+        """Bytes of the local kernel's scratch buffers kept in :attr:`kernel`."""
+        return sum(s.nbytes() for s in self.kernel_storages())
 
 
 def _pad(n: int, align: int) -> int:

@@ -149,19 +149,12 @@ def compiled_two_layers(compiler: str, mla: bool = False, heads: str = "replicat
 
 def kernel_storages(workspace) -> list[int]:
     """Storage addresses of the local kernel's scratch kept in a plan's workspace."""
-    out = []
+    return sorted(s.data_ptr() for s in workspace.kernel_storages())
 
-    def walk(x):
-        if isinstance(x, torch.Tensor):
-            out.append(x.untyped_storage().data_ptr())
-        elif isinstance(x, dict):
-            for v in x.values():
-                walk(v)
-        elif hasattr(x, "__dict__"):
-            walk(vars(x))
 
-    walk(workspace.kernel)
-    return sorted(out)
+def dcp_allocations_all(steps: list[dict], combines, backend=None) -> dict:
+    """:func:`dcp_allocations` for each combine, with and without static bounds (one world)."""
+    return {(c, static): dcp_allocations(steps, c, static, backend) for c in combines for static in (True, False)}
 
 
 def dcp_allocations(steps: list[dict], combine, static: bool, backend=None) -> dict:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pytest
 
-from _plan_ranks import dcp_allocations
+from _plan_ranks import dcp_allocations_all
 from cpattn import dcp_combine
 
 pytestmark = pytest.mark.distributed
@@ -35,20 +35,20 @@ def _steps(world, heads, mla):
 @pytest.mark.parametrize("mla", [False, True])
 def test_run_uses_the_plans_buffers_and_allocates_nothing_sized_by_data(gloo, world, heads, mla):
     steps = _steps(world, heads, mla)
-    for combine in dcp_combine.allowed(heads):
-        for static in (True, False):
-            res = gloo(world).run(dcp_allocations, steps, combine, static, timeout=180)
-            for r, rr in enumerate(res):
-                what = f"rank {r} {combine} static={static}"
-                assert rr["workspace_bytes"] > 0 and rr["kernel_bytes"] > 0, what
-                for i, st in enumerate(rr["steps"]):
-                    colls = st["collectives"]
-                    assert colls, what + ": no collective recorded"
-                    assert all(ok for _, ok in colls), f"{what} step {i}: a collective wrote outside the workspace: {colls}"
-                    assert st["kernel_storages"] == rr["reserved"], \
-                        f"{what} step {i}: the kernel allocated new scratch (reserve too small)"
-                if static:
-                    sizes = [st["fresh"] for st in rr["steps"]]
-                    assert sizes[0] == sizes[1] == sizes[2], \
-                        f"{what}: allocations depend on the step's data: " + \
-                        "; ".join(str(st["fresh_ops"]) for st in rr["steps"])
+    by_rank = gloo(world).run(dcp_allocations_all, steps, dcp_combine.allowed(heads), timeout=240)
+    for (combine, static) in by_rank[0]:
+        for r, got in enumerate(by_rank):
+            rr = got[(combine, static)]
+            what = f"rank {r} {combine} static={static}"
+            assert rr["workspace_bytes"] > 0 and rr["kernel_bytes"] > 0, what
+            for i, st in enumerate(rr["steps"]):
+                colls = st["collectives"]
+                assert colls, what + ": no collective recorded"
+                assert all(ok for _, ok in colls), f"{what} step {i}: a collective wrote outside the workspace: {colls}"
+                assert st["kernel_storages"] == rr["reserved"], \
+                    f"{what} step {i}: the kernel allocated new scratch (reserve too small)"
+            if static:
+                sizes = [st["fresh"] for st in rr["steps"]]
+                assert sizes[0] == sizes[1] == sizes[2], \
+                    f"{what}: allocations depend on the step's data: " + \
+                    "; ".join(str(st["fresh_ops"]) for st in rr["steps"])
