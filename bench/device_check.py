@@ -25,7 +25,8 @@ Plan/run under a CUDA graph: when ``cpattn.DcpDecodePlan`` exists, ``run`` is ca
 sync may happen), replayed after ``plan()`` with new lengths, and compared with eager ``run``
 and the float64 reference; otherwise the row says "skipped: no plan/run API". Beside it, what
 one eager ``run`` allocates (``torch.cuda.memory_stats``: count and bytes), at two steps'
-lengths: they must be equal (nothing sized by the data; the plan holds every other buffer).
+lengths: they must be equal (nothing sized by the data). At world size 1 on the Triton kernel
+this covers the step metadata and the kernel, not the combine's buffers.
 
 ``--dry-run`` runs the same code at tiny sizes on CPU with ``TRITON_INTERPRET=1`` (set before
 the kernels are imported) so the script cannot rot between GPU runs; its timings mean nothing.

@@ -226,10 +226,12 @@ def reduce_scatter_sum(t: torch.Tensor, group=None, *, out: torch.Tensor | None 
         return t if out is None else _out_buffer("reduce_scatter_sum", out, t.numel(), t).copy_(
             t.reshape(-1)).view(t.shape)
     src = t.contiguous()
+    if _portable(group) and (src.dtype not in _REDUCE_SCATTER_DTYPES or n in _FLAT_WORLD_UNSUPPORTED):
+        summed = _sum_blocks(all_to_all(src, group), n)  # the same bytes on the wire as a reduce-scatter
+        return summed if out is None else _out_buffer("reduce_scatter_sum", out, summed.numel(), src).view(
+            summed.shape).copy_(summed)
     shape = (src.shape[0] // n, *src.shape[1:])
     dst = _out_buffer("reduce_scatter_sum", out, src.numel() // n, src).view(shape)
-    if _portable(group) and (src.dtype not in _REDUCE_SCATTER_DTYPES or n in _FLAT_WORLD_UNSUPPORTED):
-        return dst.copy_(_sum_blocks(all_to_all(src, group), n))  # the same bytes on the wire as a reduce-scatter
     _reduce_scatter_flat(dst, src, op=dist.ReduceOp.SUM, group=group)
     return dst
 

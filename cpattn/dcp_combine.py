@@ -162,8 +162,7 @@ def partial_out(workspace, strategy: str, T: int, H: int, Dv: int, dtype: torch.
     if workspace is None or not workspace.has("send"):
         return None
     if strategy == "all_gather":
-        a = torch.empty((), dtype=partial_dtype(dtype)).element_size()
-        e = torch.empty((), dtype=dtype).element_size()
+        a, e = partial_dtype(dtype).itemsize, dtype.itemsize
         row = workspace.view("send", (_pad(T * H * (a + Dv * e), a),), torch.uint8)
         return _row_views(row.view(1, -1), (T, H), partial_dtype(dtype), (T, H, Dv), dtype)[1][0]
     return workspace.view("part_out", (T, H, Dv), dtype)
@@ -173,8 +172,8 @@ def _row_views(rows: torch.Tensor, lse_shape, lse_dtype, out_shape, dtype) -> tu
     """Views ``(lse [N, *lse_shape], out [N, *out_shape])`` of the byte rows ``rows [N, bytes]``
     laid out ``[lse | out | pad]`` (rows padded to a multiple of the LSE element size)."""
     n = rows.shape[0]
-    nl = torch.empty((), dtype=lse_dtype).element_size() * _numel(lse_shape)
-    no = torch.empty((), dtype=dtype).element_size() * _numel(out_shape)
+    nl = lse_dtype.itemsize * _numel(lse_shape)
+    no = dtype.itemsize * _numel(out_shape)
     return (rows[:, :nl].view(lse_dtype).view(n, *lse_shape),
             rows[:, nl:nl + no].view(dtype).view(n, *out_shape))
 
@@ -271,7 +270,7 @@ def combine(out: torch.Tensor, lse: torch.Tensor, *, strategy: str, heads: str, 
                 out.to(pd).mul_(w[..., None])
             scaled.masked_fill_((w <= 0)[..., None], 0.0)  # empty rows: 0, never NaN
             _note("combine", "all_reduce", scaled, n)
-            return comm.all_reduce_sum(scaled, group).to(out.dtype), lse_all.float()
+            return comm.all_reduce_sum(scaled, group).to(out.dtype, copy=True), lse_all.float()  # never the buffer
         # by destination: rank j's heads of every token, [N*T, S, Dv]
         w_dest = w.view(T, n, S).transpose(0, 1)[..., None]  # [N, T, S, 1]
         o_dest = out.view(T, n, S, Dv).transpose(0, 1)
@@ -282,7 +281,7 @@ def combine(out: torch.Tensor, lse: torch.Tensor, *, strategy: str, heads: str, 
         by_dest.view(n, T, S, Dv).masked_fill_(w_dest <= 0, 0.0)
         _note("combine", "reduce_scatter", by_dest, n)
         summed = comm.reduce_scatter_sum(by_dest, group, out=_ws(ws, "summed", (T * S * Dv,), pd))  # [T, S, Dv]
-        return summed.to(out.dtype), lse_all[:, r * S:(r + 1) * S].float().contiguous()
+        return summed.to(out.dtype, copy=True), lse_all[:, r * S:(r + 1) * S].float().contiguous()  # a new tensor
     if strategy == "all_to_all":
         if heads != "sharded":
             raise ValueError("combine 'all_to_all' needs heads='sharded'")

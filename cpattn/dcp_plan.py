@@ -125,6 +125,7 @@ def make_config(group, *, num_heads, num_kv_heads, head_dim, block_size, v_head_
         raise TypeError(f"{op}: backend must be a str or None; got {type(backend).__name__}")
     # choose the kernels now, on stand-in tensors of the real dtypes/device: refuse before any collective
     q = torch.empty(1, num_heads, head_dim, dtype=dtype, device=device)
+    device = q.device  # with its index ("cuda" -> "cuda:0"): what run()'s tensors will report
     kc = torch.empty(1, block_size, num_kv_heads, head_dim, dtype=dtype, device=device)
     vc = None if mla else torch.empty(1, block_size, num_kv_heads, v_head_dim, dtype=dtype, device=device)
     one = torch.ones(1, dtype=torch.int32, device=device)
@@ -291,6 +292,8 @@ class DcpDecodePlan:
             raise TypeError(f"{OP}.run: q must have the plan's dtype {cfg.dtype}; got {q.dtype}")
         if tuple(q.shape[1:]) != (cfg.heads_in, cfg.head_dim):
             raise ValueError(f"{OP}.run: q must be [T, {cfg.heads_in}, {cfg.head_dim}]; got {tuple(q.shape)}")
+        if q.device != cfg.device:
+            raise ValueError(f"{OP}.run: q is on {q.device}; the plan's buffers are on {cfg.device}")
         if q.shape[0] > cfg.max_num_tokens:
             raise ValueError(f"{OP}.run: q has {q.shape[0]} rows, more than max_num_tokens ({cfg.max_num_tokens})")
         V.tensor(OP, "k_cache", k_cache, dim=4)

@@ -19,10 +19,13 @@ buffer the hot path of ``run`` reuses from layer to layer:
     the local kernel's own scratch (its registry ``reserve``; the PyTorch kernel's chunk
     buffers), a dict the kernel reuses on every call.
 
-What ``run`` still allocates is sized by ``q``'s (padded) row count only, never by the data:
-the tensors it returns, and per-row temporaries of ``O(Tp * Hq)`` elements or
-``O(Tp * Hq * D)`` (the kernels' softmax state, merge weights). Under CUDA-graph capture
-those come from the graph's private pool at capture time and keep their addresses on replay.
+What ``run`` still allocates: the tensors it returns, per-row temporaries of ``O(Tp * Hq)``
+elements or ``O(Tp * Hq * D)`` (the kernels' softmax state, merge weights), and in the PyTorch
+kernel per-chunk index and mask tensors. With static bounds (graph capture) all of it is sized by
+``q``'s padded row count and the plan's maxima only; in eager ``run`` the PyTorch kernel's
+chunks follow the step's longest local length (a host int from ``plan()``, never a device
+read), so those per-chunk temporaries are bounded by the plan's maxima but not fixed. Under
+CUDA-graph capture they come from the graph's private pool and keep their addresses on replay.
 """
 from __future__ import annotations
 
@@ -48,7 +51,7 @@ class Workspace:
         n = 1
         for s in shape:
             n *= int(s)
-        nbytes = n * torch.empty((), dtype=dtype).element_size()
+        nbytes = n * dtype.itemsize
         buf = self.buffers[name]
         if nbytes > buf.numel():
             raise RuntimeError(f"DcpDecodePlan workspace {name!r} holds {buf.numel()} bytes; {nbytes} needed "

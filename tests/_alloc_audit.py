@@ -73,11 +73,13 @@ def collective_outputs():
 
 
 def inside(t: torch.Tensor, buffers) -> bool:
-    """Whether ``t``'s elements all lie in one of ``buffers`` (tensors)."""
+    """Whether ``t``'s first element lies in one of ``buffers`` (tensors or untyped storages),
+    and for a tensor, its elements all do."""
     lo = t.data_ptr()
     hi = lo + max(t.numel(), 1) * t.element_size()
     for b in buffers:
         b0 = b.data_ptr()
-        if b0 <= lo and hi <= b0 + b.numel() * b.element_size():
+        b1 = b0 + (b.nbytes() if isinstance(b, torch.UntypedStorage) else b.numel() * b.element_size())
+        if b0 <= lo < b1 and hi <= b1:
             return True
     return False

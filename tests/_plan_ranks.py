@@ -163,15 +163,16 @@ def dcp_allocations(steps: list[dict], combine, static: bool, backend=None) -> d
     each lay in the plan's workspace), and whether the kernel's reserved scratch stayed in place."""
     from _alloc_audit import collective_outputs, fresh_allocations, inside
 
-    plan, ins = dcp_plan_for(steps, 0, combine, backend)
+    plan, ins = dcp_plan_for(steps, 2, combine, backend)
     plan.static_bounds = static
     ws = plan.workspace
     reserved = kernel_storages(ws)
-    Tp = plan.config.max_num_tokens
     res = {"steps": [], "reserved": reserved, "workspace_bytes": ws.nbytes, "kernel_bytes": ws.kernel_nbytes()}
     for p, inp in zip(steps, ins):
         plan.plan(inp["seq_lens"], inp["block_table"], inp["query_start_loc"])
         q = inp["q"]
+        # static bounds: the padded bucket (max_num_tokens rows); otherwise one padding row
+        Tp = plan.config.max_num_tokens if static else q.shape[0] + 1
         qp = torch.cat([q, torch.zeros(Tp - q.shape[0], *q.shape[1:], dtype=q.dtype)])
         plan._execute(qp, inp["k_cache"], inp["v_cache"])  # a first call may fill lazily-made scratch
         with collective_outputs() as colls, fresh_allocations() as fresh:
@@ -180,5 +181,7 @@ def dcp_allocations(steps: list[dict], combine, static: bool, backend=None) -> d
             "fresh": sorted(n for _, n in fresh), "fresh_ops": sorted(fresh, key=lambda x: -x[1])[:8],
             "collectives": [(name, o is not None and inside(o, ws.buffers.values())) for name, o in colls],
             "kernel_storages": kernel_storages(ws), "out_bytes": out.numel() * out.element_size(),
+            "aliases_workspace": any(inside(t, ws.buffers.values()) or inside(t, ws.kernel_storages())
+                                     for t in (out, lse)),
             "T": int(sum(p["nq"]))})
     return res

@@ -93,3 +93,28 @@ def test_query_with_no_visible_key_is_empty_state():
                                      torch.tensor([3, 0]), 0.5, 4, 1, 3)
     assert torch.isfinite(lse[0]).all() and torch.equal(lse[1], torch.full((2,), float("-inf"), dtype=lse.dtype))
     assert torch.equal(out[1], torch.zeros(2, 4))
+
+
+def test_reserve_covers_every_call_a_plan_makes():
+    """The PyTorch kernel's ``reserve`` (a plan's constructor) sizes the chunk buffers for the
+    largest chunk of any call with up to ``max_tokens`` one-query requests: the max over every
+    batch size, computed by its closed form; a call then finds them big enough and keeps them."""
+    import random
+
+    from cpattn.backends.pytorch import paged as P
+
+    rnd = random.Random(0)
+    for _ in range(60):
+        hkv, G = rnd.choice([1, 2, 8]), rnd.choice([1, 3, 16])
+        d, bs = rnd.choice([8, 64, 576]), rnd.choice([1, 4, 64])
+        dv, mt, kv = min(d, rnd.choice([8, 64, 512])), rnd.choice([1, 3, 17, 300]), bs * rnd.choice([1, 5, 900])
+        ws = {}
+        P.reserve(ws, max_tokens=mt, num_heads=hkv * G, num_kv_heads=hkv, head_dim=d, v_head_dim=dv,
+                  block_size=bs, max_kv_len=kv, dtype=torch.bfloat16, device="cpu", mla=False)
+        (buf,) = ws.values()
+        want = max(B * P._chunk_blocks(B, hkv * G, hkv, d, dv, 1, bs, kv) * bs for B in range(1, mt + 1))
+        assert buf.rows == want and buf.qg == G + 1
+        B = rnd.randint(1, mt)
+        again = P._Buffers.take(ws, B * P._chunk_blocks(B, hkv * G, hkv, d, dv, 1, bs, kv) * bs, hkv, d, dv, G + 1,
+                                torch.bfloat16, torch.float32, torch.device("cpu"), with_v=True)
+        assert again is buf

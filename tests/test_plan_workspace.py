@@ -7,7 +7,11 @@ every combine of both head modes (GQA and MLA),
   construction, at the largest size any step can need (a longer context does not grow it);
 * with static bounds (what graph capture uses), the sizes ``run`` allocates are the same for a
   step of short contexts and a step of long ones with other batch sizes: nothing is sized by
-  the data, only by ``q``'s padded rows.
+  the data, only by ``q``'s padded rows (the bucket, ``max_num_tokens``); without them ``q`` has
+  one padding row;
+* ``run`` never returns a view of the workspace (the next layer would overwrite it).
+
+GQA runs in float32 (float64 partial LSEs), MLA in bfloat16 (float32 ones).
 """
 from __future__ import annotations
 
@@ -22,7 +26,7 @@ _BASE = {"bs": 4, "il": 2, "hkv": 2, "dqk": 8, "dv": 8, "dtype": "float32", "see
 
 
 def _steps(world, heads, mla):
-    over = {"hkv": 1, "dqk": 12, "dv": 8} if mla else {}
+    over = {"hkv": 1, "dqk": 12, "dv": 8, "dtype": "bfloat16"} if mla else {}  # GQA float32, MLA bfloat16
     hq = (2 if mla else 4) * (world if heads == "sharded" else 1)
     base = {**_BASE, **over, "world": world, "heads": heads, "mla": mla, "hq": hq}
     return [{**base, "lens": [9, 3, 2], "nq": [1, 2, 1]},               # short contexts
@@ -42,6 +46,7 @@ def test_run_uses_the_plans_buffers_and_allocates_nothing_sized_by_data(gloo, wo
             what = f"rank {r} {combine} static={static}"
             assert rr["workspace_bytes"] > 0 and rr["kernel_bytes"] > 0, what
             for i, st in enumerate(rr["steps"]):
+                assert not st["aliases_workspace"], f"{what} step {i}: run returned a view of the workspace"
                 colls = st["collectives"]
                 assert colls, what + ": no collective recorded"
                 assert all(ok for _, ok in colls), f"{what} step {i}: a collective wrote outside the workspace: {colls}"

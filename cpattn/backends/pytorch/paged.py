@@ -236,9 +236,14 @@ def reserve(workspace: dict, *, max_tokens: int, num_heads: int, num_kv_heads: i
     (how DCP runs this kernel), up to ``max_tokens`` of them and ``max_kv_len`` visible keys, so
     that those calls allocate none (docs/serving.md, "What run allocates")."""
     G = num_heads // num_kv_heads
-    rows = max(B * _chunk_blocks(B, num_heads, num_kv_heads, head_dim, v_head_dim, 1, block_size, max_kv_len)
-               * block_size for B in range(1, max_tokens + 1))
-    _Buffers.take(workspace, rows, num_kv_heads, head_dim, v_head_dim, G + 1, dtype, _compute_dtype(dtype),
+
+    def rows(B):
+        return B * _chunk_blocks(B, num_heads, num_kv_heads, head_dim, v_head_dim, 1, block_size, max_kv_len) * block_size
+
+    # Past B0 a chunk is one block (rows = B * block_size, largest at max_tokens); below, try each B.
+    B0 = _CHUNK_ELEMS // max(num_kv_heads * max(head_dim, v_head_dim), num_heads) // block_size + 1
+    most = max([rows(max_tokens)] + [rows(B) for B in range(1, min(B0, max_tokens) + 1)])
+    _Buffers.take(workspace, most, num_kv_heads, head_dim, v_head_dim, G + 1, dtype, _compute_dtype(dtype),
                   torch.device(device), with_v=not mla)
 
 
