@@ -179,6 +179,8 @@ def test_dcp_plan_empty_step_and_errors_world_one():
         plan.run(torch.randn(1, 4, 8), kc, vc)
     with pytest.raises(ValueError, match="max_num_tokens"):
         plan.run(torch.randn(5, 4, 8), kc, vc)
+    with pytest.raises(ValueError, match="q is on meta; the plan's buffers are on cpu"):
+        plan.run(torch.randn(2, 4, 8, device="meta"), kc, vc)
     with pytest.raises(ValueError, match="max_num_seqs"):
         plan.plan(torch.tensor([5, 7, 1, 1]), torch.zeros(4, 2, dtype=torch.int32))
     with pytest.raises(ValueError, match="block_table has room for 8"):
