@@ -165,9 +165,15 @@ class DcpDecodePlan:
         dtype: the query/cache dtype (float32, bfloat16, float16); device: where the cache lives.
         backend: kernel backend name or None (automatic); chosen here, agreed by every rank.
 
+    The constructor allocates the step metadata buffers and :attr:`workspace` (the combine's
+    send/receive buffers, the local kernel's scratch, ...; :mod:`cpattn.dcp_workspace`) at these
+    maximum sizes; ``run`` reuses them on every layer, so one plan's ``run`` calls must not be in
+    flight on two streams at once.
+
     Raises (construction): TypeError / ValueError naming the argument on EVERY rank (through the
     agreement; ranks with good input get :class:`cpattn.comm.CollectiveInputError`), also when
-    ranks disagree on any static fact or the backends chosen.
+    ranks disagree on any static fact or the backends chosen; RuntimeError naming the sizes on a
+    rank that cannot allocate the buffers (CollectiveInputError on the others).
     """
 
     def __init__(self, group, *, num_heads, num_kv_heads, head_dim, block_size, v_head_dim=None, mla=False,
