@@ -170,13 +170,17 @@ def _out_buffer(op: str, out: torch.Tensor | None, numel: int, like: torch.Tenso
     return out.view(-1)
 
 
+def _copy_into(op: str, out: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``t`` copied into the caller's buffer ``out`` (checked as :func:`_out_buffer`), shaped as ``t``."""
+    return _out_buffer(op, out, t.numel(), t).copy_(t.reshape(-1)).view(t.shape)
+
+
 def all_gather(t: torch.Tensor, group=None, *, out: torch.Tensor | None = None) -> torch.Tensor:
     """``[N, *t.shape]``: every rank's ``t`` (same shape on all ranks), through a flat buffer
     (``out``: a preallocated one of ``N * t.numel()`` elements, written and returned as a view)."""
     n = world_size(group)
     if n == 1:
-        return t.unsqueeze(0) if out is None else _out_buffer("all_gather", out, t.numel(), t).copy_(
-            t.reshape(-1)).view(1, *t.shape)
+        return t.unsqueeze(0) if out is None else _copy_into("all_gather", out, t).view(1, *t.shape)
     src = t.contiguous()
     flat = _out_buffer("all_gather", out, n * src.numel(), src)
     if not _portable(group):
@@ -223,13 +227,11 @@ def reduce_scatter_sum(t: torch.Tensor, group=None, *, out: torch.Tensor | None 
     fallback for dtypes it cannot sum still allocates its all-to-all's receive buffer)."""
     n = world_size(group)
     if n == 1:
-        return t if out is None else _out_buffer("reduce_scatter_sum", out, t.numel(), t).copy_(
-            t.reshape(-1)).view(t.shape)
+        return t if out is None else _copy_into("reduce_scatter_sum", out, t)
     src = t.contiguous()
     if _portable(group) and (src.dtype not in _REDUCE_SCATTER_DTYPES or n in _FLAT_WORLD_UNSUPPORTED):
         summed = _sum_blocks(all_to_all(src, group), n)  # the same bytes on the wire as a reduce-scatter
-        return summed if out is None else _out_buffer("reduce_scatter_sum", out, summed.numel(), src).view(
-            summed.shape).copy_(summed)
+        return summed if out is None else _copy_into("reduce_scatter_sum", out, summed)
     shape = (src.shape[0] // n, *src.shape[1:])
     dst = _out_buffer("reduce_scatter_sum", out, src.numel() // n, src).view(shape)
     _reduce_scatter_flat(dst, src, op=dist.ReduceOp.SUM, group=group)
@@ -242,7 +244,7 @@ def all_to_all(t: torch.Tensor, group=None, *, out: torch.Tensor | None = None) 
     ``t.numel()`` elements)."""
     n = world_size(group)
     if n == 1:
-        return t if out is None else _out_buffer("all_to_all", out, t.numel(), t).copy_(t.reshape(-1)).view(t.shape)
+        return t if out is None else _copy_into("all_to_all", out, t)
     src = t.contiguous()
     out = _out_buffer("all_to_all", out, src.numel(), src).view(src.shape)
     if not _portable(group):

@@ -246,7 +246,7 @@ def combine(out: torch.Tensor, lse: torch.Tensor, *, strategy: str, heads: str, 
     pd = partial_dtype(out.dtype)
     ws = workspace
     if strategy == "all_gather":
-        send = None if ws is None else ws.view("send", (ws.buffers["send"].numel(),), torch.uint8)
+        send = None if ws is None else ws.buffers["send"]
         packed = _pack(lse.to(pd).unsqueeze(0), out.unsqueeze(0), send)[0]
         _note("combine", "all_gather", packed, n)
         rows = comm.all_gather(packed, group, out=_ws(ws, "recv", (n * packed.numel(),), torch.uint8))  # [N, bytes]
@@ -285,7 +285,7 @@ def combine(out: torch.Tensor, lse: torch.Tensor, *, strategy: str, heads: str, 
     if strategy == "all_to_all":
         if heads != "sharded":
             raise ValueError("combine 'all_to_all' needs heads='sharded'")
-        send = None if ws is None else ws.view("send", (ws.buffers["send"].numel(),), torch.uint8)
+        send = None if ws is None else ws.buffers["send"]
         packed = _pack(lse.to(pd).view(T, n, S).transpose(0, 1), out.view(T, n, S, Dv).transpose(0, 1), send)
         _note("combine", "all_to_all", packed, n)
         rows = comm.all_to_all(packed, group, out=_ws(ws, "recv", (packed.numel(),), torch.uint8))  # row i: rank i's
